@@ -1,0 +1,901 @@
+"""The SpanTrain planner: search for the fastest memory-feasible hybrid pipeline plan.
+
+Role: ``make_plan(topology, profile, options)``, the entry point the CLI, the operator and
+the worker's local launcher call. It composes the passes:
+
+  1. group devices (``grouping``): network groups, compute groups inside them;
+  2. enumerate pipeline *structures*: which network groups take part and in which order along
+     the pipeline (every ordered subset for up to ``EXHAUSTIVE_GROUPS`` groups, a speed-ordered
+     chain and its prefixes beyond), plus "all devices as one group"; for each, how many
+     stages each group is split into (hill-climbing 1 -> 2 -> 4 ... per group);
+  3. for each structure and micro-batch count: integer per-device shares in proportion to
+     speed, then a layer partition by dynamic programming that minimises the bottleneck stage
+     time (compute, boundary transfer, amortised all-reduce) under every device's memory;
+  4. simulate the best few candidates under each schedule (``gpipe``, ``1f1b``, ``zb`` with
+     1F1B-like and relaxed memory limits), drop any that overflow memory, keep the fastest.
+
+Devices left out (a whole group that only slows the pipeline, or a device whose share rounds
+to zero) are listed in ``plan.excluded`` with the reason. Deterministic: same inputs, same
+plan, byte for byte.
+
+Pure: planner modules and the standard library only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .assemble import StageLayout, assemble, boundary_seconds
+from .cluster import Topology
+from .errors import InfeasibleError, InputError, gib
+from .grouping import NetworkGroup, group_devices
+from .options import PlannerOptions
+from .plan import ExcludedDevice, Plan, Schedule
+from .profiles import LayerProfile, ModelProfile
+from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
+from .validate import validate_plan
+
+EXHAUSTIVE_GROUPS = 4  # every ordered subset of up to this many network groups
+TOP_CANDIDATES = 8  # structures simulated
+FINALISTS = 3  # structures simulated under every schedule
+MAX_SPLIT = 8  # most stages one network group is split into
+JOINT_UNITS = 24  # the joint width x layer DP runs when the pipeline has at most this many units
+
+
+# --------------------------------------------------------------------------------------------
+# shares
+
+
+def proportional_shares(weights: Sequence[float], total: int) -> list[int]:
+    """Integers in proportion to ``weights`` that sum exactly to ``total`` (largest remainder).
+
+    Ties in the remainders go to the earlier entry, so the result is deterministic.
+    """
+    assert total >= 0 and weights and all(w > 0 for w in weights)
+    wsum = sum(weights)
+    exact = [w * total / wsum for w in weights]
+    floors = [math.floor(x) for x in exact]
+    short = total - sum(floors)
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - floors[i]), i))
+    for i in order[:short]:
+        floors[i] += 1
+    return floors
+
+
+def even_shares(count: int, total: int) -> list[int]:
+    """``total`` split as evenly as possible over ``count`` (earlier entries get the extra)."""
+    base, extra = divmod(total, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------
+# layer partition by dynamic programming
+
+
+@dataclass(frozen=True)
+class StageDevices:
+    devices: tuple[int, ...]
+    shares: tuple[int, ...]
+    network_group: int
+
+
+def _inflight(schedule: str, num_stages: int, stage_index: int, num_microbatches: int) -> int:
+    if schedule == "gpipe":
+        return num_microbatches
+    return min(num_microbatches, num_stages - stage_index)
+
+
+def _pareto_rows(rows: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Memory constraints (capacity, stashed rows) that no other constraint implies.
+
+    A device with less memory and at least as many stashed rows as another is the binding
+    one; keeping only the undominated rows makes the DP's memory test O(1) in practice.
+    """
+    kept: list[tuple[int, int]] = []
+    for cap, r in sorted(set(rows), key=lambda t: (t[0], -t[1])):
+        if all(r > r2 for _, r2 in kept):
+            kept.append((cap, r))
+    return kept
+
+
+def partition_layers(
+    stages: Sequence[StageDevices],
+    topology: Topology,
+    sums: ProfileSums,
+    num_microbatches: int,
+    *,
+    schedule: str = "1f1b",
+    cost: CostModel = DEFAULT_COST,
+) -> tuple[float, list[tuple[int, int]]] | None:
+    """Contiguous layer ranges for the stages minimising the bottleneck stage time.
+
+    Stage time per micro-batch = max(compute on its slowest device, its outgoing boundary
+    transfer) + its all-reduce divided by the micro-batch count. Returns (bottleneck seconds,
+    ranges) or None when no partition fits every device's memory.
+    """
+    p = len(stages)
+    num_layers = sums.profile.num_layers
+    if p > num_layers:
+        return None
+    work = [0.0] * (num_layers + 1)  # F+B+W flops prefix, per sample
+    for i, layer in enumerate(sums.profile.layers):
+        work[i + 1] = (
+            work[i] + layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
+        )
+    params = sums._p  # noqa: SLF001 - prefix sums shared on purpose
+    stash = sums._s  # noqa: SLF001
+    out_bytes = [layer.output_bytes for layer in sums.profile.layers]
+    overhead3 = 3 * cost.overhead_per_layer
+    # per stage: slowest per-sample time factor, boundary bytes->seconds factor, latency
+    slow_factor = []
+    mem_rows = []
+    for j, st in enumerate(stages):
+        slow_factor.append(
+            max(
+                share / topology.devices[d].flops
+                for d, share in zip(st.devices, st.shares, strict=True)
+            )
+        )
+        infl = _inflight(schedule, p, j, num_microbatches)
+        mem_rows.append(
+            _pareto_rows(
+                (topology.devices[d].memory_bytes, infl * share)
+                for d, share in zip(st.devices, st.shares, strict=True)
+            )
+        )
+    link_factor = [0.0] * p
+    link_latency = [0.0] * p
+    for j in range(p - 1):
+        a = StageLayout(0, 1, stages[j].devices, stages[j].shares)
+        b = StageLayout(1, 2, stages[j + 1].devices, stages[j + 1].shares)
+        lat = boundary_seconds(a, b, topology, 0)
+        link_latency[j] = lat
+        link_factor[j] = boundary_seconds(a, b, topology, 1_000_000) - lat
+    ar_factor = []  # ring all-reduce seconds = x * bytes + y
+    for st in stages:
+        devs = list(st.devices)
+        if len(devs) > 1:
+            x = (
+                ring_allreduce_seconds(topology, devs, 2_000_000)
+                - ring_allreduce_seconds(topology, devs, 1_000_000)
+            ) / 1_000_000
+            y = ring_allreduce_seconds(topology, devs, 1_000_000) - x * 1_000_000
+            ar_factor.append((x, max(y, 0.0)))
+        else:
+            ar_factor.append((0.0, 0.0))
+    copies = cost.state_copies
+    inf = math.inf
+    best = [[inf] * (num_layers + 1) for _ in range(p + 1)]
+    total = [[inf] * (num_layers + 1) for _ in range(p + 1)]  # tie-break: sum of stage times
+    back = [[-1] * (num_layers + 1) for _ in range(p + 1)]
+    best[0][0] = 0.0
+    total[0][0] = 0.0
+    m = num_microbatches
+    for j in range(p):
+        sf = slow_factor[j]
+        lf = link_factor[j] / 1_000_000
+        ll = link_latency[j]
+        arx, ary = ar_factor[j]
+        rows = mem_rows[j]
+        last = j == p - 1
+        lo_end = j + 1
+        hi_end = num_layers - (p - 1 - j)
+        prev_row = best[j]
+        prev_total = total[j]
+        cur_row = best[j + 1]
+        cur_total = total[j + 1]
+        cur_back = back[j + 1]
+        for end in range(lo_end, hi_end + 1):
+            if last and end != num_layers:
+                continue
+            comm = 0.0 if last else 2.0 * (out_bytes[end - 1] * lf + ll)
+            best_here = inf
+            best_sum = inf
+            arg = -1
+            for start in range(end - 1, j - 1, -1):
+                pb = params[end] - params[start]
+                sb = stash[end] - stash[start]
+                if any(pb * copies + r * sb > capacity for capacity, r in rows):
+                    break  # more layers only need more memory
+                compute = sf * (work[end] - work[start]) + overhead3 * (end - start)
+                ar = (arx * pb + ary) / m if arx else 0.0
+                c = max(compute, comm) + ar
+                if c > best_here:
+                    break  # cost only grows as the stage takes more layers
+                prev = prev_row[start]
+                if prev == inf:
+                    continue
+                v = prev if prev > c else c
+                t = prev_total[start] + c
+                if v < best_here or (v == best_here and t < best_sum):
+                    best_here = v
+                    best_sum = t
+                    arg = start
+            cur_row[end] = best_here
+            cur_total[end] = best_sum
+            cur_back[end] = arg
+    if best[p][num_layers] == inf:
+        return None
+    ranges: list[tuple[int, int]] = []
+    end = num_layers
+    for j in range(p, 0, -1):
+        start = back[j][end]
+        ranges.append((start, end))
+        end = start
+    ranges.reverse()
+    return best[p][num_layers], ranges
+
+
+# --------------------------------------------------------------------------------------------
+# joint DP over device prefixes and layer prefixes (stage widths chosen with the layers)
+
+
+def joint_partition(
+    units: Sequence[tuple[int, ...]],
+    topology: Topology,
+    sums: ProfileSums,
+    num_microbatches: int,
+    microbatch_size: int,
+    *,
+    same_stage_allowed: Callable[[int, int], bool] | None = None,
+    cost: CostModel = DEFAULT_COST,
+) -> list[tuple[float, list[StageDevices], list[tuple[int, int]]]]:
+    """Choose stage widths and layer ranges together (Asteroid/PipeDream-style 2-D DP).
+
+    ``units`` are atomic device blocks in pipeline order; a stage is a run of units
+    ``[k0, k)`` (``same_stage_allowed(k0, k)`` may forbid runs, e.g. across network groups)
+    holding layers ``[l0, l)``, with shares in proportion to speed. The boundary transfer is
+    costed on the link from the stage's last device to the next unit's first. Returns, for
+    every prefix of units that can hold the whole model, (bottleneck, stages, layer ranges).
+    """
+    m, b = num_microbatches, microbatch_size
+    num_layers = sums.profile.num_layers
+    num_units = len(units)
+    work = [0.0] * (num_layers + 1)
+    for i, layer in enumerate(sums.profile.layers):
+        work[i + 1] = work[i] + (
+            layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
+        )
+    params = sums._p  # noqa: SLF001
+    stash = sums._s  # noqa: SLF001
+    out_bytes = [layer.output_bytes for layer in sums.profile.layers]
+    copies = cost.state_copies
+    overhead3 = 3 * cost.overhead_per_layer
+    inf = math.inf
+    f = [[inf] * (num_layers + 1) for _ in range(num_units + 1)]
+    back: list[list[tuple[int, int]]] = [[(-1, -1)] * (num_layers + 1) for _ in range(num_units + 1)]
+    f[0][0] = 0.0
+    stages: dict[tuple[int, int], StageDevices | None] = {}
+    for k in range(1, num_units + 1):
+        for k0 in range(k - 1, -1, -1):
+            if same_stage_allowed is not None and not same_stage_allowed(k0, k):
+                break
+            devs = tuple(d for u in units[k0:k] for d in u)
+            if len(devs) > b:
+                break
+            shares = proportional_shares([topology.devices[d].flops for d in devs], b)
+            kept = [(d, sh) for d, sh in zip(devs, shares, strict=True) if sh > 0]
+            stage = StageDevices(tuple(d for d, _ in kept), tuple(sh for _, sh in kept), 0)
+            stages[(k0, k)] = stage
+            slow = max(sh / topology.devices[d].flops for d, sh in kept)
+            infl = min(m, num_units - k0)  # 1F1B bound with the most stages still to come
+            rows = _pareto_rows((topology.devices[d].memory_bytes, infl * sh) for d, sh in kept)
+            nxt = units[k][0] if k < num_units else None
+            last = kept[-1][0]
+            bw = topology.bandwidth[last][nxt] if nxt is not None else inf
+            lat = topology.latency[last][nxt] if nxt is not None else 0.0
+            devs_kept = [d for d, _ in kept]
+            if len(devs_kept) > 1:
+                ar1 = ring_allreduce_seconds(topology, devs_kept, 1_000_000)
+                ar2 = ring_allreduce_seconds(topology, devs_kept, 2_000_000)
+                arx = (ar2 - ar1) / 1_000_000
+                ary = max(ar1 - arx * 1_000_000, 0.0)
+            else:
+                arx = ary = 0.0
+            prev_row = f[k0]
+            for l1 in range(1, num_layers + 1):
+                comm = 0.0
+                if nxt is not None and l1 < num_layers:
+                    comm = 2.0 * (lat + b * out_bytes[l1 - 1] / bw)
+                for l0 in range(l1 - 1, -1, -1):
+                    pb = params[l1] - params[l0]
+                    sb = stash[l1] - stash[l0]
+                    if any(pb * copies + r * sb > cap for cap, r in rows):
+                        break
+                    prev = prev_row[l0]
+                    if prev == inf:
+                        continue
+                    compute = slow * (work[l1] - work[l0]) + overhead3 * (l1 - l0)
+                    c = max(compute, comm) + ((arx * pb + ary) / m if arx else 0.0)
+                    v = prev if prev > c else c
+                    if v < f[k][l1]:
+                        f[k][l1] = v
+                        back[k][l1] = (k0, l0)
+    results: list[tuple[float, list[StageDevices], list[tuple[int, int]]]] = []
+    for k in range(1, num_units + 1):
+        if f[k][num_layers] == inf:
+            continue
+        chosen: list[StageDevices] = []
+        ranges: list[tuple[int, int]] = []
+        kk, ll = k, num_layers
+        while kk > 0:
+            k0, l0 = back[kk][ll]
+            stage = stages[(k0, kk)]
+            assert stage is not None
+            chosen.append(stage)
+            ranges.append((l0, ll))
+            kk, ll = k0, l0
+        chosen.reverse()
+        ranges.reverse()
+        results.append((f[k][num_layers], chosen, ranges))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# coarsening (keeps the structure search fast on deep models)
+
+COARSE_LAYERS = 24  # the structure search runs on at most this many merged layers
+
+
+def coarsen(profile: ModelProfile, max_layers: int = COARSE_LAYERS) -> tuple[ModelProfile, list[int]]:
+    """Merge runs of consecutive layers into at most ``max_layers`` of similar work.
+
+    Returns the merged profile and the fine index where each merged layer starts (plus the
+    end), so ranges found on the merged profile map back exactly.
+    """
+    n = profile.num_layers
+    if n <= max_layers:
+        return profile, list(range(n + 1))
+    work = [
+        layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
+        for layer in profile.layers
+    ]
+    total = sum(work) or 1.0
+    bounds = [0]
+    acc = 0.0
+    for i in range(n):
+        acc += work[i]
+        left = max_layers - len(bounds)  # merged layers still to open after this one
+        if i + 1 < n and (acc >= total * len(bounds) / max_layers or n - (i + 1) <= left):
+            if len(bounds) < max_layers:
+                bounds.append(i + 1)
+    bounds.append(n)
+    merged = []
+    for a, b in itertools.pairwise(bounds):
+        chunk = profile.layers[a:b]
+        merged.append(
+            LayerProfile(
+                name=f"{chunk[0].name}..{chunk[-1].name}" if b - a > 1 else chunk[0].name,
+                forward_flops=sum(x.forward_flops for x in chunk),
+                backward_input_flops=sum(x.backward_input_flops for x in chunk),
+                backward_weight_flops=sum(x.backward_weight_flops for x in chunk),
+                param_count=sum(x.param_count for x in chunk),
+                param_bytes=sum(x.param_bytes for x in chunk),
+                output_bytes=chunk[-1].output_bytes,
+                stash_bytes=sum(x.stash_bytes for x in chunk),
+            )
+        )
+    return profile.model_copy(update={"layers": merged}), bounds
+
+
+# --------------------------------------------------------------------------------------------
+# structures
+
+
+@dataclass(frozen=True)
+class Candidate:
+    estimate: float
+    key: tuple[object, ...]  # deterministic tie-break
+    stages: tuple[StageDevices, ...]
+    ranges: tuple[tuple[int, int], ...]
+    num_microbatches: int
+    groups_used: tuple[int, ...]
+
+
+@dataclass
+class SearchStats:
+    structures: int = 0
+    partitions: int = 0
+    simulations: int = 0
+    best_by_groups: dict[tuple[int, ...], float] = field(default_factory=dict)
+
+
+def split_group(topology: Topology, group: NetworkGroup, num_stages: int) -> list[tuple[int, ...]]:
+    """Split a network group's devices into ``num_stages`` chunks of roughly equal speed.
+
+    With no more stages than nodes, chunks are runs of whole nodes, so each stage's
+    all-reduce stays on intra-node links; otherwise devices are ordered fastest compute group
+    first, node by node, and cut into runs.
+    """
+    if num_stages <= len(group.nodes):
+        units = [
+            tuple(d for d in group.devices if topology.devices[d].node == n) for n in group.nodes
+        ]
+    else:
+        units = [(d,) for cg in group.compute_groups for d in cg]
+    flops = [sum(topology.devices[d].flops for d in unit) for unit in units]
+    total = sum(flops)
+    chunks: list[list[int]] = [[]]
+    acc = 0.0
+    for pos, unit in enumerate(units):
+        remaining_units = len(units) - pos
+        remaining_chunks = num_stages - len(chunks)
+        if (
+            chunks[-1]
+            and len(chunks) < num_stages
+            and (acc >= total * len(chunks) / num_stages or remaining_units <= remaining_chunks)
+        ):
+            chunks.append([])
+        chunks[-1].extend(unit)
+        acc += flops[pos]
+    assert len(chunks) == num_stages and all(chunks)
+    return [tuple(c) for c in chunks]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def microbatch_candidates(
+    global_batch: int, num_stages: int, widest: int, requested: int | None
+) -> list[int]:
+    """Micro-batch counts worth trying: divisors of the batch near 1, p, 2p, 4p, 8p."""
+    if requested is not None:
+        if global_batch % requested:
+            raise InputError(
+                f"planner.numMicrobatches={requested} does not divide training.globalBatch="
+                f"{global_batch}; choose a divisor such as "
+                f"{', '.join(map(str, _divisors(global_batch)[:8]))}"
+            )
+        return [requested] if global_batch // requested >= widest else []
+    valid = [d for d in _divisors(global_batch) if global_batch // d >= widest]
+    if not valid:
+        return []
+    targets = [1, num_stages, 2 * num_stages, 4 * num_stages, 8 * num_stages]
+    chosen = {min(valid, key=lambda d, t=t: (abs(math.log(d / t)), d)) for t in targets}
+    return sorted(chosen)
+
+
+StageSets = tuple[tuple[tuple[int, ...], int], ...]  # (devices, network group) per stage
+
+
+class _Searcher:
+    def __init__(
+        self,
+        topology: Topology,
+        profile: ModelProfile,
+        options: PlannerOptions,
+        cost: CostModel,
+    ) -> None:
+        self.topology = topology
+        self.profile = profile
+        self.options = options
+        self.cost = cost
+        self.sums = ProfileSums(profile)
+        coarse, _ = coarsen(profile)
+        self.coarse = coarse.num_layers < profile.num_layers
+        self.search_sums = ProfileSums(coarse) if self.coarse else self.sums
+        self.stats = SearchStats()
+        self.candidates: list[Candidate] = []
+        self.max_stages = min(profile.num_layers, options.max_stages or profile.num_layers)
+        self.schedule_for_dp = "gpipe" if options.schedule == "gpipe" else "1f1b"
+        self.structures: dict[StageSets, float] = {}
+        self.seen: set[tuple[StageSets, int]] = set()
+
+    def evaluate(self, stage_sets: StageSets, every_m: bool = False) -> float:
+        """Best estimated step time of a structure (and record its candidates).
+
+        While searching, one micro-batch count is tried (the feasible one nearest 4 x stages)
+        on the merged-layer profile; the best structures are re-evaluated over every
+        candidate count on the full profile afterwards (``refine``).
+        """
+        self.stats.structures += 1
+        sums = self.sums if every_m else self.search_sums
+        p = len(stage_sets)
+        if p > self.max_stages:
+            return math.inf
+        widest = max(len(devs) for devs, _ in stage_sets)
+        ms = microbatch_candidates(
+            self.options.global_batch, p, widest, self.options.num_microbatches
+        )
+        if not every_m:
+            ms.sort(key=lambda m: (abs(math.log(m / (4 * p))), m))
+        best = math.inf
+        for m in ms:
+            b = self.options.global_batch // m
+            stages = []
+            for devs, gi in stage_sets:
+                shares = proportional_shares([self.topology.devices[d].flops for d in devs], b)
+                kept = tuple((d, s) for d, s in zip(devs, shares, strict=True) if s > 0)
+                stages.append(
+                    StageDevices(tuple(d for d, _ in kept), tuple(s for _, s in kept), gi)
+                )
+            self.stats.partitions += 1
+            result = partition_layers(
+                stages, self.topology, sums, m, schedule=self.schedule_for_dp, cost=self.cost
+            )
+            if result is None:
+                continue
+            bottleneck, ranges = result
+            ar = max(
+                ring_allreduce_seconds(
+                    self.topology, list(st.devices), sums.range(r[0], r[1]).param_bytes
+                )
+                for st, r in zip(stages, ranges, strict=True)
+            )
+            estimate = (m + p - 1) * bottleneck + ar
+            best = min(best, estimate)
+            if sums is not self.sums:
+                break  # a merged-layer estimate only ranks structures
+            used = tuple(sorted({gi for _, gi in stage_sets}))
+            if (stage_sets, m) not in self.seen:
+                self.seen.add((stage_sets, m))
+                self.candidates.append(
+                    Candidate(estimate, (stage_sets, m), tuple(stages), tuple(ranges), m, used)
+                )
+            if not every_m:
+                break
+        if best < self.structures.get(stage_sets, math.inf):
+            self.structures[stage_sets] = best
+        return best
+
+    def climb(self, groups: Sequence[NetworkGroup]) -> None:
+        """Hill-climb the number of stages per group, starting from one stage per group."""
+
+        def sets(splits: Sequence[int]) -> StageSets:
+            return tuple(
+                (chunk, g.index)
+                for g, c in zip(groups, splits, strict=True)
+                for chunk in split_group(self.topology, g, c)
+            )
+
+        splits = [1] * len(groups)
+        if sum(splits) > self.max_stages:
+            return
+        current = self.evaluate(sets(splits))
+        while current == math.inf:
+            # nothing fits yet: split every group further until something does
+            grown = [_next_split(c, g) for c, g in zip(splits, groups, strict=True)]
+            if grown == splits or sum(grown) > self.max_stages:
+                return
+            splits = grown
+            current = self.evaluate(sets(splits))
+        while True:
+            best_move: tuple[float, int] | None = None
+            for k, g in enumerate(groups):
+                nxt = _next_split(splits[k], g)
+                if nxt == splits[k] or sum(splits) - splits[k] + nxt > self.max_stages:
+                    continue
+                trial = list(splits)
+                trial[k] = nxt
+                value = self.evaluate(sets(trial))
+                if value < current and (best_move is None or value < best_move[0]):
+                    best_move = (value, k)
+            if best_move is None:
+                return
+            current, k = best_move
+            splits[k] = _next_split(splits[k], groups[k])
+
+    def joint(self, groups: Sequence[NetworkGroup], cross_groups: bool = False) -> None:
+        """Stage widths and layers by the joint DP, stages kept inside network groups."""
+        units: list[tuple[int, ...]] = []
+        unit_group: list[int] = []
+        per_device = sum(len(g.devices) for g in groups) <= JOINT_UNITS
+        for g in groups:
+            if per_device:
+                blocks = [(d,) for cg in g.compute_groups for d in cg]
+            else:
+                blocks = [
+                    tuple(d for d in g.devices if self.topology.devices[d].node == n)
+                    for n in g.nodes
+                ]
+            units.extend(blocks)
+            unit_group.extend([g.index] * len(blocks))
+        if len(units) > JOINT_UNITS:
+            return
+        allowed = None if cross_groups else (lambda k0, k: unit_group[k0] == unit_group[k - 1])
+        widest_unit = max(len(u) for u in units)
+        for m in microbatch_candidates(self.options.global_batch, 1, widest_unit, None):
+            if self.options.num_microbatches not in (None, m):
+                continue
+            for _, stages, _ in joint_partition(
+                units, self.topology, self.search_sums, m, self.options.global_batch // m,
+                same_stage_allowed=allowed, cost=self.cost,
+            ):
+                stage_sets = tuple(
+                    (st.devices, unit_group[units.index(next(u for u in units if st.devices[0] in u))])
+                    for st in stages
+                )
+                if stage_sets not in self.structures:
+                    self.evaluate(stage_sets)
+
+    def refine(self, count: int) -> None:
+        """Re-evaluate the best ``count`` structures over every micro-batch count."""
+        ranked = sorted(self.structures.items(), key=lambda kv: (kv[1], kv[0]))
+        for stage_sets, _ in ranked[:count]:
+            self.evaluate(stage_sets, every_m=True)
+
+
+def _next_split(current: int, group: NetworkGroup) -> int:
+    """1 -> 2 -> 4 -> 8 stages, capped by the group's devices."""
+    return min(current * 2, len(group.devices), MAX_SPLIT)
+
+
+def group_variants(topology: Topology, group: NetworkGroup) -> list[NetworkGroup]:
+    """The group, and the group cut down to its fastest node(s) (a careful user's choice).
+
+    Leaving weak nodes of a group out can beat using them when every extra stage costs a
+    link hop; these variants let the search find that.
+    """
+    if len(group.nodes) < 2:
+        return [group]
+    node_flops = {
+        n: sum(topology.devices[d].flops for d in group.devices if topology.devices[d].node == n)
+        for n in group.nodes
+    }
+    ranked = sorted(group.nodes, key=lambda n: (-node_flops[n], group.nodes.index(n)))
+    out = [group]
+    for k in sorted({1, (len(ranked) + 1) // 2}):
+        if k >= len(ranked):
+            continue
+        keep = set(ranked[:k])
+        devices = tuple(d for d in group.devices if topology.devices[d].node in keep)
+        out.append(
+            NetworkGroup(
+                index=group.index,
+                devices=devices,
+                compute_groups=tuple(
+                    cg2 for cg in group.compute_groups
+                    if (cg2 := tuple(d for d in cg if d in devices))
+                ),
+                nodes=tuple(n for n in group.nodes if n in keep),
+                internal_bandwidth=group.internal_bandwidth,
+            )
+        )
+    return out
+
+
+def _orders(groups: list[NetworkGroup], topology: Topology) -> list[list[NetworkGroup]]:
+    """Ordered subsets of network groups to try as pipelines."""
+    if len(groups) <= EXHAUSTIVE_GROUPS:
+        out: list[list[NetworkGroup]] = []
+        for r in range(1, len(groups) + 1):
+            for perm in itertools.permutations(groups, r):
+                out.append(list(perm))
+        return out
+    # many groups: fastest group first, then greedily the group best connected to the last
+    speed = {g.index: sum(topology.devices[d].flops for d in g.devices) for g in groups}
+    chain = [max(groups, key=lambda g: (speed[g.index], -g.index))]
+    rest = [g for g in groups if g is not chain[0]]
+    while rest:
+        tail = chain[-1].devices[0]
+        nxt = max(rest, key=lambda g: (topology.bandwidth[tail][g.devices[0]], speed[g.index]))
+        chain.append(nxt)
+        rest.remove(nxt)
+    return [chain[:k] for k in range(1, len(chain) + 1)]
+
+
+def make_plan(
+    topology: Topology,
+    profile: ModelProfile,
+    options: PlannerOptions,
+    *,
+    cost: CostModel = DEFAULT_COST,
+    exhaustive_groups: int | None = None,
+) -> Plan:
+    """Plan ``profile`` on ``topology``; raises ``InfeasibleError`` when nothing fits."""
+    plan, _ = search(topology, profile, options, cost=cost, exhaustive_groups=exhaustive_groups)
+    return plan
+
+
+def search(
+    topology: Topology,
+    profile: ModelProfile,
+    options: PlannerOptions,
+    *,
+    cost: CostModel = DEFAULT_COST,
+    exhaustive_groups: int | None = None,
+) -> tuple[Plan, SimResult]:
+    """``make_plan`` that also returns the winning simulation (for charts and reports)."""
+    if topology.num_devices == 0:
+        raise InfeasibleError("the cluster has no devices; check the placement's node selector")
+    searcher = _Searcher(topology, profile, options, cost)
+    groups = group_devices(topology, options.network_cut_ratio, options.compute_tolerance)
+    orders = _orders(groups, topology)
+    if exhaustive_groups is not None and len(groups) > exhaustive_groups:
+        orders = orders[: len(groups)]
+    if not options.allow_exclusion:
+        orders = [o for o in orders if len(o) == len(groups)]
+    elif len(groups) <= 3:
+        orders = [
+            list(combo)
+            for order in orders
+            for combo in itertools.product(*(group_variants(topology, g) for g in order))
+        ]
+    for order in orders:
+        searcher.climb(order)
+    for order in itertools.permutations(groups, len(groups)) if len(groups) <= 3 else [groups]:
+        searcher.joint(order)
+    fastest_first = sorted(topology.devices, key=lambda d: (-d.flops, d.index))
+    searcher.joint(
+        [NetworkGroup(0, tuple(d.index for d in fastest_first),
+                      tuple((d.index,) for d in fastest_first),
+                      tuple(dict.fromkeys(d.node for d in fastest_first)), 0.0)],
+        cross_groups=True,
+    )
+    if len(groups) > 1:
+        merged = NetworkGroup(
+            index=len(groups),
+            devices=tuple(d.index for d in topology.devices),
+            compute_groups=tuple(
+                tuple(sorted(cg))
+                for cg in _merge_compute_groups(groups, topology)
+            ),
+            nodes=tuple(n for g in groups for n in g.nodes),
+            internal_bandwidth=min(g.internal_bandwidth for g in groups),
+        )
+        searcher.climb([merged])
+    searcher.refine(TOP_CANDIDATES)
+    if not searcher.candidates:
+        raise _infeasible(topology, profile, options, cost)
+
+    schedules: list[Schedule] = (
+        ["gpipe", "1f1b", "zb"] if options.schedule == "auto" else [options.schedule]
+    )
+    best: tuple[tuple[object, ...], Plan, SimResult] | None = None
+    worst_violation: tuple[str, int, int] | None = None
+
+    def score(cand: Candidate, schedule: Schedule, relaxed: bool) -> float:
+        nonlocal best, worst_violation
+        layouts = [
+            StageLayout(r[0], r[1], st.devices, st.shares, st.network_group)
+            for st, r in zip(cand.stages, cand.ranges, strict=True)
+        ]
+        p = len(layouts)
+        limits = [min(cand.num_microbatches, 2 * (p - s)) for s in range(p)] if relaxed else None
+        plan, sim = assemble(
+            layouts, topology, profile, schedule=schedule,
+            num_microbatches=cand.num_microbatches, inflight_limits=limits,
+            max_pending_w=limits, cost=cost, sums=searcher.sums,
+        )
+        assert sim is not None
+        searcher.stats.simulations += 1
+        violations = sim.memory_violations()
+        if violations:
+            v = max(violations, key=lambda t: t[1] - t[2])
+            if worst_violation is None or v[1] - v[2] < worst_violation[1] - worst_violation[2]:
+                worst_violation = v
+            return math.inf
+        prev = searcher.stats.best_by_groups.get(cand.groups_used, 0.0)
+        searcher.stats.best_by_groups[cand.groups_used] = max(prev, sim.samples_per_second)
+        key = (sim.step_seconds, cand.key, schedule, relaxed)
+        if best is None or key < best[0]:
+            best = (key, plan, sim)
+        return sim.step_seconds
+
+    # phase 1: the best-estimated structures (two micro-batch counts each), one schedule
+    by_structure: dict[object, list[Candidate]] = {}
+    for cand in sorted(searcher.candidates, key=lambda c: (c.estimate, c.key)):
+        group = by_structure.setdefault(cand.key[0], [])
+        if len(group) < 2 and all(c.num_microbatches != cand.num_microbatches for c in group):
+            group.append(cand)
+    first = [c for cands in list(by_structure.values())[:TOP_CANDIDATES] for c in cands]
+    probe: Schedule = "zb" if "zb" in schedules else schedules[0]
+    scored = sorted(((score(c, probe, False), c.key, c) for c in first), key=lambda t: t[:2])
+    # phase 2: the front runners under every schedule (and zb with relaxed memory limits)
+    for _, _, cand in scored[:FINALISTS]:
+        for schedule in schedules:
+            if schedule != probe:
+                score(cand, schedule, False)
+        if "zb" in schedules and len(cand.stages) > 1:
+            score(cand, "zb", True)
+    if best is None:
+        if worst_violation is not None:
+            dev, need, cap = worst_violation
+            raise InfeasibleError(
+                f"no plan fits in memory: device {dev} needs {gib(need)} but has {gib(cap)} "
+                f"(short by {gib(need - cap)}) in the most frugal plan found; lower "
+                f"training.globalBatch, raise planner.numMicrobatches, or add devices",
+                device_id=dev, needed_bytes=need, available_bytes=cap,
+            )
+        raise _infeasible(topology, profile, options, cost)
+    _, plan, sim = best
+    plan = plan.model_copy(update={"excluded": _excluded(plan, topology, groups, searcher)})
+    validate_plan(plan, topology, profile, sim)
+    return plan, sim
+
+
+def _merge_compute_groups(
+    groups: Sequence[NetworkGroup], topology: Topology
+) -> list[tuple[int, ...]]:
+    all_cgs = [cg for g in groups for cg in g.compute_groups]
+    return sorted(all_cgs, key=lambda cg: (-topology.devices[cg[0]].flops, cg))
+
+
+def _excluded(
+    plan: Plan, topology: Topology, groups: Sequence[NetworkGroup], searcher: _Searcher
+) -> list[ExcludedDevice]:
+    used = {d.device_id for st in plan.stages for d in st.devices}
+    used_groups = {st.network_group for st in plan.stages}
+    out: list[ExcludedDevice] = []
+    best_all = searcher.stats.best_by_groups
+    for g in groups:
+        for d in g.devices:
+            dev = topology.devices[d]
+            if dev.id in used:
+                continue
+            if g.index not in used_groups and len(groups) > 1 and max(used_groups) < len(groups):
+                with_it = max(
+                    (v for k, v in best_all.items() if g.index in k), default=0.0
+                )
+                estimated = min(
+                    (c.estimate for c in searcher.candidates if g.index in c.groups_used),
+                    default=math.inf,
+                )
+                with_it = max(with_it, plan.global_batch / estimated)
+                reason = (
+                    f"network group {g.index} ({', '.join(g.nodes[:3])}"
+                    f"{', ...' if len(g.nodes) > 3 else ''}) left out: the best plan using it "
+                    f"would reach about {with_it:.3g} samples/s, this one "
+                    f"{plan.global_batch / max(1e-12, _step(plan)):.3g}"
+                )
+            else:
+                reason = (
+                    "its share of a "
+                    f"{plan.microbatch_size}-sample micro-batch rounds to zero, or the stage "
+                    "is faster without it"
+                )
+            out.append(ExcludedDevice(device_id=dev.id, node=dev.node, reason=reason))
+    return out
+
+
+def _step(plan: Plan) -> float:
+    return plan.predicted.step_seconds if plan.predicted else 0.0
+
+
+def _infeasible(
+    topology: Topology, profile: ModelProfile, options: PlannerOptions, cost: CostModel
+) -> InfeasibleError:
+    """Explain why nothing fits: the most frugal layout's worst device."""
+    sums = ProfileSums(profile)
+    n = min(topology.num_devices, profile.num_layers)
+    order = sorted(range(topology.num_devices), key=lambda d: -topology.devices[d].memory_bytes)[:n]
+    # one device per stage, layers split to balance parameter bytes, one sample per micro-batch
+    total = sums.range(0, profile.num_layers).param_bytes
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    for j in range(n):
+        end = start + 1
+        target = total * (j + 1) / n
+        while end < profile.num_layers - (n - 1 - j) and sums.range(0, end + 1).param_bytes <= target:
+            end += 1
+        if j == n - 1:
+            end = profile.num_layers
+        ranges.append((start, end))
+        start = end
+    worst: tuple[int, int, int] | None = None
+    for j, (a, b) in enumerate(ranges):
+        rs = sums.range(a, b)
+        d = order[j]
+        need = rs.param_bytes * cost.state_copies + (n - j) * rs.stash_bytes
+        cap = topology.devices[d].memory_bytes
+        if worst is None or need - cap > worst[1] - worst[2]:
+            worst = (d, need, cap)
+    assert worst is not None
+    d, need, cap = worst
+    dev = topology.devices[d]
+    if need <= cap:
+        return InfeasibleError(
+            f"no plan found for global batch {options.global_batch} on {topology.num_devices} "
+            "devices; check planner.numMicrobatches and planner.maxStages",
+        )
+    return InfeasibleError(
+        f"model {profile.name} does not fit: even split over {n} devices with one sample per "
+        f"micro-batch, device {dev.id} needs {gib(need)} but has {gib(cap)} "
+        f"(short by {gib(need - cap)}); add devices with more memory, use a smaller model, "
+        "or lower the precision",
+        device_id=dev.id, needed_bytes=need, available_bytes=cap,
+    )
