@@ -41,6 +41,9 @@ from .validate import validate_plan
 EXHAUSTIVE_GROUPS = 4  # every ordered subset of up to this many network groups
 TOP_CANDIDATES = 8  # structures simulated
 FINALISTS = 3  # structures simulated under every schedule
+POLISH_ROUNDS = 4  # greedy boundary moves checked by simulation
+SMALL_CLUSTER = 8
+TINY_CLUSTER = 6  # at most this many devices: the joint DP tries every order of the nodes  # at most this many devices: simulate four times as many candidates
 MAX_SPLIT = 8  # most stages one network group is split into
 JOINT_UNITS = 24  # the joint width x layer DP runs when the pipeline has at most this many units
 
@@ -233,6 +236,9 @@ def partition_layers(
 # joint DP over device prefixes and layer prefixes (stage widths chosen with the layers)
 
 
+SKIP = -2  # back-pointer marker: the unit was left out
+
+
 def joint_partition(
     units: Sequence[tuple[int, ...]],
     topology: Topology,
@@ -241,6 +247,7 @@ def joint_partition(
     microbatch_size: int,
     *,
     same_stage_allowed: Callable[[int, int], bool] | None = None,
+    skip_units: bool = False,
     cost: CostModel = DEFAULT_COST,
 ) -> list[tuple[float, list[StageDevices], list[tuple[int, int]]]]:
     """Choose stage widths and layer ranges together (Asteroid/PipeDream-style 2-D DP).
@@ -248,8 +255,9 @@ def joint_partition(
     ``units`` are atomic device blocks in pipeline order; a stage is a run of units
     ``[k0, k)`` (``same_stage_allowed(k0, k)`` may forbid runs, e.g. across network groups)
     holding layers ``[l0, l)``, with shares in proportion to speed. The boundary transfer is
-    costed on the link from the stage's last device to the next unit's first. Returns, for
-    every prefix of units that can hold the whole model, (bottleneck, stages, layer ranges).
+    costed on the link from the stage's last device to the next unit's first. With
+    ``skip_units`` any unit may be left out. Returns, for every prefix of units that can hold
+    the whole model, (bottleneck, stages, layer ranges).
     """
     m, b = num_microbatches, microbatch_size
     num_layers = sums.profile.num_layers
@@ -270,6 +278,12 @@ def joint_partition(
     f[0][0] = 0.0
     stages: dict[tuple[int, int], StageDevices | None] = {}
     for k in range(1, num_units + 1):
+        if skip_units:
+            # leave unit k-1 out: the best placements of the first k-1 units stay valid
+            for l1 in range(num_layers + 1):
+                if f[k - 1][l1] < f[k][l1]:
+                    f[k][l1] = f[k - 1][l1]
+                    back[k][l1] = (SKIP, l1)
         for k0 in range(k - 1, -1, -1):
             if same_stage_allowed is not None and not same_stage_allowed(k0, k):
                 break
@@ -323,6 +337,9 @@ def joint_partition(
         kk, ll = k, num_layers
         while kk > 0:
             k0, l0 = back[kk][ll]
+            if k0 == SKIP:  # unit kk-1 left out
+                kk -= 1
+                continue
             stage = stages[(k0, kk)]
             assert stage is not None
             chosen.append(stage)
@@ -594,8 +611,15 @@ class _Searcher:
                 ]
             units.extend(blocks)
             unit_group.extend([g.index] * len(blocks))
+        self.joint_units(units, unit_group, cross_groups)
+
+    def joint_units(
+        self, units: Sequence[tuple[int, ...]], unit_group: Sequence[int], cross_groups: bool
+    ) -> None:
+        """Run the joint DP on explicit units (in pipeline order) and record its structures."""
         if len(units) > JOINT_UNITS:
             return
+        group_of = {d: gi for u, gi in zip(units, unit_group, strict=True) for d in u}
         allowed = None if cross_groups else (lambda k0, k: unit_group[k0] == unit_group[k - 1])
         widest_unit = max(len(u) for u in units)
         for m in microbatch_candidates(self.options.global_batch, 1, widest_unit, None):
@@ -603,12 +627,10 @@ class _Searcher:
                 continue
             for _, stages, _ in joint_partition(
                 units, self.topology, self.search_sums, m, self.options.global_batch // m,
-                same_stage_allowed=allowed, cost=self.cost,
+                same_stage_allowed=allowed, skip_units=self.options.allow_exclusion,
+                cost=self.cost,
             ):
-                stage_sets = tuple(
-                    (st.devices, unit_group[units.index(next(u for u in units if st.devices[0] in u))])
-                    for st in stages
-                )
+                stage_sets = tuple((st.devices, group_of[st.devices[0]]) for st in stages)
                 if stage_sets not in self.structures:
                     self.evaluate(stage_sets)
 
@@ -717,8 +739,27 @@ def search(
         ]
     for order in orders:
         searcher.climb(order)
-    for order in itertools.permutations(groups, len(groups)) if len(groups) <= 3 else [groups]:
-        searcher.joint(order)
+    joint_orders = (
+        itertools.permutations(groups, len(groups)) if len(groups) <= EXHAUSTIVE_GROUPS
+        else [groups]
+    )
+    small_cluster = topology.num_devices <= SMALL_CLUSTER
+    for joint_order in joint_orders:
+        if small_cluster:
+            # the pipeline order inside a group matters too: try its compute groups in turn
+            for combo in itertools.islice(
+                itertools.product(*(_compute_group_orders(g) for g in joint_order)), 24
+            ):
+                searcher.joint(list(combo))
+        else:
+            searcher.joint(joint_order)
+    node_names = list(dict.fromkeys(d.node for d in topology.devices))
+    if topology.num_devices <= TINY_CLUSTER and len(node_names) <= 5:
+        # tiny clusters: every pipeline order of the nodes, stages free to span groups
+        group_index = {d: g.index for g in groups for d in g.devices}
+        for perm in itertools.permutations(node_names):
+            units = [(d.index,) for n in perm for d in topology.devices if d.node == n]
+            searcher.joint_units(units, [group_index[u[0]] for u in units], cross_groups=True)
     fastest_first = sorted(topology.devices, key=lambda d: (-d.flops, d.index))
     searcher.joint(
         [NetworkGroup(0, tuple(d.index for d in fastest_first),
@@ -738,14 +779,14 @@ def search(
             internal_bandwidth=min(g.internal_bandwidth for g in groups),
         )
         searcher.climb([merged])
-    searcher.refine(TOP_CANDIDATES)
+    searcher.refine(TOP_CANDIDATES * (8 if topology.num_devices <= SMALL_CLUSTER else 1))
     if not searcher.candidates:
         raise _infeasible(topology, profile, options, cost)
 
     schedules: list[Schedule] = (
         ["gpipe", "1f1b", "zb"] if options.schedule == "auto" else [options.schedule]
     )
-    best: tuple[tuple[object, ...], Plan, SimResult] | None = None
+    best: tuple[tuple[object, ...], Plan, SimResult, Candidate] | None = None
     worst_violation: tuple[str, int, int] | None = None
 
     def score(cand: Candidate, schedule: Schedule, relaxed: bool) -> float:
@@ -773,7 +814,7 @@ def search(
         searcher.stats.best_by_groups[cand.groups_used] = max(prev, sim.samples_per_second)
         key = (sim.step_seconds, cand.key, schedule, relaxed)
         if best is None or key < best[0]:
-            best = (key, plan, sim)
+            best = (key, plan, sim, cand)
         return sim.step_seconds
 
     # phase 1: the best-estimated structures (two micro-batch counts each), one schedule
@@ -782,16 +823,21 @@ def search(
         group = by_structure.setdefault(cand.key[0], [])
         if len(group) < 2 and all(c.num_microbatches != cand.num_microbatches for c in group):
             group.append(cand)
-    first = [c for cands in list(by_structure.values())[:TOP_CANDIDATES] for c in cands]
+    small = topology.num_devices <= SMALL_CLUSTER
+    top = TOP_CANDIDATES * (8 if small else 1)
+    first = [c for cands in list(by_structure.values())[:top] for c in cands]
     probe: Schedule = "zb" if "zb" in schedules else schedules[0]
     scored = sorted(((score(c, probe, False), c.key, c) for c in first), key=lambda t: t[:2])
     # phase 2: the front runners under every schedule (and zb with relaxed memory limits)
-    for _, _, cand in scored[:FINALISTS]:
+    for _, _, cand in scored[: FINALISTS * (4 if small else 1)]:
         for schedule in schedules:
             if schedule != probe:
                 score(cand, schedule, False)
         if "zb" in schedules and len(cand.stages) > 1:
             score(cand, "zb", True)
+    # phase 3: polish the winner's layer cuts with the simulator in the loop
+    if best is not None:
+        _polish(best, score, rounds=POLISH_ROUNDS if small else 1)
     if best is None:
         if worst_violation is not None:
             dev, need, cap = worst_violation
@@ -802,10 +848,60 @@ def search(
                 device_id=dev, needed_bytes=need, available_bytes=cap,
             )
         raise _infeasible(topology, profile, options, cost)
-    _, plan, sim = best
+    _, plan, sim, _ = best
     plan = plan.model_copy(update={"excluded": _excluded(plan, topology, groups, searcher)})
     validate_plan(plan, topology, profile, sim)
     return plan, sim
+
+
+def _polish(
+    best: tuple[tuple[object, ...], Plan, SimResult, Candidate],
+    score: Callable[[Candidate, Schedule, bool], float],
+    rounds: int,
+) -> None:
+    """Move each stage boundary by one layer while the simulated step time improves.
+
+    The DP optimises a proxy (the bottleneck stage time); the simulator sees fill, drain and
+    schedule effects the proxy cannot, so a few greedy moves usually shave the last percent.
+    ``score`` records any improvement as the new best.
+    """
+    key, plan, sim, cand = best
+    current = sim.step_seconds
+    schedule: Schedule = plan.schedule
+    relaxed = bool(key[3])
+    ranges = list(cand.ranges)
+    for _ in range(rounds):
+        improved = False
+        for j in range(len(ranges) - 1):
+            for delta in (-1, 1):
+                cut = ranges[j][1] + delta
+                if not ranges[j][0] < cut < ranges[j + 1][1]:
+                    continue
+                trial = list(ranges)
+                trial[j] = (ranges[j][0], cut)
+                trial[j + 1] = (cut, ranges[j + 1][1])
+                moved = Candidate(
+                    cand.estimate, (*cand.key, tuple(trial)), cand.stages, tuple(trial),
+                    cand.num_microbatches, cand.groups_used,
+                )
+                value = score(moved, schedule, relaxed)
+                if value < current - 1e-12:
+                    current, ranges, improved = value, trial, True
+        if not improved:
+            return
+
+
+def _compute_group_orders(group: NetworkGroup) -> list[NetworkGroup]:
+    """The group with its compute groups in every order (fastest-first/last beyond three)."""
+    cgs = list(group.compute_groups)
+    if len(cgs) <= 3:
+        perms = [list(p) for p in itertools.permutations(cgs)]
+    else:
+        perms = [cgs, cgs[::-1]]
+    return [
+        NetworkGroup(group.index, group.devices, tuple(p), group.nodes, group.internal_bandwidth)
+        for p in perms
+    ]
 
 
 def _merge_compute_groups(
