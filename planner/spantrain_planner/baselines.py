@@ -215,7 +215,8 @@ def asteroid(ctx: _Ctx, max_units: int = 48) -> Scored | None:
                     stage_cache[key] = None
                 else:
                     shares = proportional_shares([topo.devices[d].flops for d in devs], b)
-                    stage_cache[key] = (devs, tuple(shares))
+                    kept = [(d, s) for d, s in zip(devs, shares, strict=True) if s > 0]
+                    stage_cache[key] = (tuple(d for d, _ in kept), tuple(s for _, s in kept))
             return stage_cache[key]
 
         for k in range(1, u_count + 1):

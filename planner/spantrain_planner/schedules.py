@@ -61,12 +61,16 @@ def zero_bubble(
     """Greedy heterogeneity-aware zero-bubble schedule; returns one action list per stage.
 
     ``inflight_limits[s]`` caps forwards whose B has not run (1F1B's ``p - s`` by default);
-    ``max_pending_w[s]`` caps B passes whose W is still deferred (``p - s`` by default). Both
-    bound activation memory; the simulator reports the resulting peak.
+    ``max_pending_w[s]`` caps B passes whose W is still deferred (``s + 1`` by default, so
+    forwards without their W stay within ``p + 1``, about 1F1B's first stage: ZB-H1's
+    memory; on equal stages this reaches ZB-H1's bubble of (p - 1)(F + B - W)).
+    Both bound activation memory; the simulator reports the resulting peak.
     """
     p, m = len(costs), num_microbatches
     limits = list(inflight_limits) if inflight_limits is not None else [p - s for s in range(p)]
-    w_caps = list(max_pending_w) if max_pending_w is not None else [p - s for s in range(p)]
+    # ZB-H1's memory rule: forwards not yet weight-graded stay within p + 1 on every stage,
+    # about 1F1B's first stage; so stage s may defer up to s + 1 weight passes
+    w_caps = list(max_pending_w) if max_pending_w is not None else [s + 1 for s in range(p)]
     assert len(limits) == p and all(limit >= 1 for limit in limits)
     assert len(w_caps) == p and all(cap >= 1 for cap in w_caps)
     free = [0.0] * p
@@ -95,13 +99,14 @@ def zero_bubble(
         b_at = b_ready[s].get(next_b[s]) if next_b[s] < next_f[s] and not w_full else None
         f_at = f_ready[s].get(next_f[s]) if next_f[s] < m and inflight < limits[s] else None
         choice: str | None = None
-        if w_full:
-            choice = "W"
-        elif b_at is not None and b_at <= now:
+        if b_at is not None and b_at <= now:
             choice = "B"
         elif f_at is not None and f_at <= now:
             choice = "F"
-        elif pending_w[s]:
+        elif pending_w[s] and (
+            w_full or b_at is None or now + cost.backward_weight <= b_at
+        ):
+            # a W fills idle time, but never delays a B whose gradient is already on its way
             choice = "W"
         if choice is None:
             # wait for the earliest known arrival; if none is known yet, another stage will

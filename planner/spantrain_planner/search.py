@@ -39,11 +39,11 @@ from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_all
 from .validate import validate_plan
 
 EXHAUSTIVE_GROUPS = 4  # every ordered subset of up to this many network groups
-TOP_CANDIDATES = 8  # structures simulated
+TOP_CANDIDATES = 6  # structures simulated
 FINALISTS = 3  # structures simulated under every schedule
 POLISH_ROUNDS = 4  # greedy boundary moves checked by simulation
 SMALL_CLUSTER = 8
-TINY_CLUSTER = 6  # at most this many devices: the joint DP tries every order of the nodes  # at most this many devices: simulate four times as many candidates
+TINY_CLUSTER = 6  # at most this many devices: every pipeline order is tried and simulated  # at most this many devices: simulate four times as many candidates
 MAX_SPLIT = 8  # most stages one network group is split into
 JOINT_UNITS = 24  # the joint width x layer DP runs when the pipeline has at most this many units
 
@@ -754,11 +754,19 @@ def search(
         else:
             searcher.joint(joint_order)
     node_names = list(dict.fromkeys(d.node for d in topology.devices))
-    if topology.num_devices <= TINY_CLUSTER and len(node_names) <= 5:
-        # tiny clusters: every pipeline order of the nodes, stages free to span groups
+    if topology.num_devices <= TINY_CLUSTER:
+        # tiny clusters: every pipeline order of the devices (of the nodes beyond five
+        # devices), stages free to span groups
         group_index = {d: g.index for g in groups for d in g.devices}
-        for perm in itertools.permutations(node_names):
-            units = [(d.index,) for n in perm for d in topology.devices if d.node == n]
+        if topology.num_devices <= 5:
+            unit_orders = [[(d,) for d in perm] for perm in
+                           itertools.permutations(range(topology.num_devices))]
+        else:
+            unit_orders = [
+                [(d.index,) for n in perm for d in topology.devices if d.node == n]
+                for perm in itertools.permutations(node_names)
+            ]
+        for units in unit_orders:
             searcher.joint_units(units, [group_index[u[0]] for u in units], cross_groups=True)
     fastest_first = sorted(topology.devices, key=lambda d: (-d.flops, d.index))
     searcher.joint(
@@ -818,26 +826,47 @@ def search(
         return sim.step_seconds
 
     # phase 1: the best-estimated structures (two micro-batch counts each), one schedule
+    small = topology.num_devices <= SMALL_CLUSTER
+    tiny = topology.num_devices <= TINY_CLUSTER
     by_structure: dict[object, list[Candidate]] = {}
     for cand in sorted(searcher.candidates, key=lambda c: (c.estimate, c.key)):
-        group = by_structure.setdefault(cand.key[0], [])
-        if len(group) < 2 and all(c.num_microbatches != cand.num_microbatches for c in group):
+        group = by_structure.setdefault(tuple(st.devices for st in cand.stages), [])
+        if len(group) < (3 if tiny else 2) and all(
+            c.num_microbatches != cand.num_microbatches for c in group
+        ):
             group.append(cand)
-    small = topology.num_devices <= SMALL_CLUSTER
-    top = TOP_CANDIDATES * (8 if small else 1)
+    top = len(by_structure) if tiny else TOP_CANDIDATES * (8 if small else 1)
     first = [c for cands in list(by_structure.values())[:top] for c in cands]
-    probe: Schedule = "zb" if "zb" in schedules else schedules[0]
-    scored = sorted(((score(c, probe, False), c.key, c) for c in first), key=lambda t: t[:2])
+    probes: list[Schedule] = [x for x in ("zb", "1f1b", "gpipe") if x in schedules]
+
+    def probe(cand: Candidate) -> float:
+        """The first schedule that fits in memory (zb keeps the most activations)."""
+        for schedule in probes:
+            value = score(cand, schedule, False)
+            if value < math.inf:
+                return value
+        return math.inf
+
+    scored = sorted(((probe(c), c.key, c) for c in first), key=lambda t: t[:2])
     # phase 2: the front runners under every schedule (and zb with relaxed memory limits)
-    for _, _, cand in scored[: FINALISTS * (4 if small else 1)]:
+    for _, _, cand in scored[: FINALISTS * (6 if tiny else 4 if small else 1)]:
         for schedule in schedules:
-            if schedule != probe:
-                score(cand, schedule, False)
+            score(cand, schedule, False)
         if "zb" in schedules and len(cand.stages) > 1:
             score(cand, "zb", True)
     # phase 3: polish the winner's layer cuts with the simulator in the loop
     if best is not None:
-        _polish(best, score, rounds=POLISH_ROUNDS if small else 1)
+        variants: list[tuple[Schedule, bool]] = (
+            [(sch, False) for sch in schedules] + ([("zb", True)] if "zb" in schedules else [])
+            if small else []
+        )
+        starts = [best]
+        if tiny:  # polish the other front runners too: cuts and structure interact
+            starts += [
+                (best[0], best[1], best[2], cand) for _, _, cand in scored[1 : FINALISTS * 6]
+            ]
+        for start in starts:
+            _polish(start, score, rounds=POLISH_ROUNDS if small else 1, variants=variants)
     if best is None:
         if worst_violation is not None:
             dev, need, cap = worst_violation
@@ -858,18 +887,22 @@ def _polish(
     best: tuple[tuple[object, ...], Plan, SimResult, Candidate],
     score: Callable[[Candidate, Schedule, bool], float],
     rounds: int,
+    variants: Sequence[tuple[Schedule, bool]] = (),
 ) -> None:
     """Move each stage boundary by one layer while the simulated step time improves.
 
     The DP optimises a proxy (the bottleneck stage time); the simulator sees fill, drain and
     schedule effects the proxy cannot, so a few greedy moves usually shave the last percent.
-    ``score`` records any improvement as the new best.
+    ``score`` records any improvement as the new best; with ``variants`` each move is scored
+    under every (schedule, relaxed memory limit) pair, else under the best plan's.
     """
     key, plan, sim, cand = best
-    current = sim.step_seconds
     schedule: Schedule = plan.schedule
     relaxed = bool(key[3])
     ranges = list(cand.ranges)
+    current = (
+        min(score(cand, sch, rel) for sch, rel in variants) if variants else sim.step_seconds
+    )
     for _ in range(rounds):
         improved = False
         for j in range(len(ranges) - 1):
@@ -884,7 +917,9 @@ def _polish(
                     cand.estimate, (*cand.key, tuple(trial)), cand.stages, tuple(trial),
                     cand.num_microbatches, cand.groups_used,
                 )
-                value = score(moved, schedule, relaxed)
+                value = min(
+                    score(moved, sch, rel) for sch, rel in (variants or [(schedule, relaxed)])
+                )
                 if value < current - 1e-12:
                     current, ranges, improved = value, trial, True
         if not improved:
