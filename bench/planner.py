@@ -60,9 +60,16 @@ def compare(cluster: str) -> list[dict[str, object]]:
             for name, found in run_baselines(topology, profile, options, names=ALL).items()
         }
         rows.append(
-            {"cluster": cluster, "workload": workload, "ours": sim.samples_per_second,
-             "schedule": plan.schedule, "stages": plan.pp_degree, "devices": plan.world_size,
-             "plan_seconds": plan_seconds, **scores}
+            {
+                "cluster": cluster,
+                "workload": workload,
+                "ours": sim.samples_per_second,
+                "schedule": plan.schedule,
+                "stages": plan.pp_degree,
+                "devices": plan.world_size,
+                "plan_seconds": plan_seconds,
+                **scores,
+            }
         )
     return rows
 
@@ -88,22 +95,45 @@ def optimality(num_cases: int) -> tuple[float, int]:
 def cluster_64() -> ClusterSpec:
     nodes: list[dict[str, object]] = []
     for i in range(8):
-        nodes.append({"name": f"cloud-{i}", "tier": "cloud", "devices": [
-            {"count": 4, "accelerator": "A100", "computeTflops": 60, "memoryBytes": "38Gi"}]})
+        nodes.append(
+            {
+                "name": f"cloud-{i}",
+                "tier": "cloud",
+                "devices": [
+                    {"count": 4, "accelerator": "A100", "computeTflops": 60, "memoryBytes": "38Gi"}
+                ],
+            }
+        )
     for i in range(8):
-        nodes.append({"name": f"edge-{i}", "tier": "edge", "devices": [
-            {"count": 2, "accelerator": "T4", "computeTflops": 6, "memoryBytes": "15Gi"}]})
+        nodes.append(
+            {
+                "name": f"edge-{i}",
+                "tier": "edge",
+                "devices": [
+                    {"count": 2, "accelerator": "T4", "computeTflops": 6, "memoryBytes": "15Gi"}
+                ],
+            }
+        )
     for i in range(16):
-        nodes.append({"name": f"end-{i}", "tier": "end", "arch": "arm64", "devices": [
-            {"count": 1, "accelerator": "Orin", "computeTflops": 1.9, "memoryBytes": "6Gi"}]})
+        nodes.append(
+            {
+                "name": f"end-{i}",
+                "tier": "end",
+                "arch": "arm64",
+                "devices": [
+                    {"count": 1, "accelerator": "Orin", "computeTflops": 1.9, "memoryBytes": "6Gi"}
+                ],
+            }
+        )
     return ClusterSpec.model_validate({"name": "bench-64", "nodes": nodes})
 
 
 def timed_plans() -> tuple[float, float]:
     topology = resolve(cluster_64())
     assert topology.num_devices == 64
-    deep = gpt_profile("gpt-98", num_layers=98, d_model=1024, num_heads=16, seq_len=512,
-                       vocab_size=32000)
+    deep = gpt_profile(
+        "gpt-98", num_layers=98, d_model=1024, num_heads=16, seq_len=512, vocab_size=32000
+    )
     assert deep.num_layers == 100
     started = time.perf_counter()
     search(topology, deep, PlannerOptions(global_batch=64))
@@ -132,8 +162,10 @@ def main() -> int:
         for name in ALL:
             v = r[name]
             cells.append(f"{ours / float(v):.2f}x" if v else "n/a")  # type: ignore[arg-type]
-        cells += [f"{r['schedule']}/{r['stages']}st/{r['devices']}dev",
-                  f"{float(r['plan_seconds']):.2f}"]  # type: ignore[arg-type]
+        cells += [
+            f"{r['schedule']}/{r['stages']}st/{r['devices']}dev",
+            f"{float(r['plan_seconds']):.2f}",
+        ]  # type: ignore[arg-type]
         printable.append(cells)
     print("SpanTrain simulated samples/s and its ratio over each baseline (batch 32):")
     print(table(headers, printable))
@@ -151,8 +183,10 @@ def main() -> int:
     cases = 20 if args.quick else 50
     started = time.perf_counter()
     gap, counted = optimality(cases)
-    print(f"\noptimality: worst gap to the exhaustive optimum over {counted} random instances: "
-          f"{gap:.4f} ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"\noptimality: worst gap to the exhaustive optimum over {counted} random instances: "
+        f"{gap:.4f} ({time.perf_counter() - started:.0f} s)"
+    )
     try:
         t64, t1024 = timed_plans()
     except InfeasibleError as err:  # pragma: no cover - would be a planner bug

@@ -17,20 +17,61 @@ def build() -> dict[str, object]:
     nodes: list[dict[str, object]] = []
     for r in range(4):
         for n in range(8):
-            nodes.append({"name": f"cloud-r{r}-n{n}", "tier": "cloud", "zone": f"region-{r}",
-                          "bandwidthMbps": 25000, "latencyMs": 0.05,
-                          "devices": [{"count": 8, "accelerator": "NVIDIA-A100-SXM4-40GB",
-                                       "computeTflops": 60, "memoryBytes": "38Gi"}]})
+            nodes.append(
+                {
+                    "name": f"cloud-r{r}-n{n}",
+                    "tier": "cloud",
+                    "zone": f"region-{r}",
+                    "bandwidthMbps": 25000,
+                    "latencyMs": 0.05,
+                    "devices": [
+                        {
+                            "count": 8,
+                            "accelerator": "NVIDIA-A100-SXM4-40GB",
+                            "computeTflops": 60,
+                            "memoryBytes": "38Gi",
+                        }
+                    ],
+                }
+            )
     for e in range(64):
-        nodes.append({"name": f"edge-{e}", "tier": "edge", "zone": f"site-{e % 8}",
-                      "platform": "kubeedge", "bandwidthMbps": 1000, "latencyMs": 1,
-                      "devices": [{"count": 4, "accelerator": "NVIDIA-T4", "computeTflops": 6,
-                                   "memoryBytes": "15Gi"}]})
+        nodes.append(
+            {
+                "name": f"edge-{e}",
+                "tier": "edge",
+                "zone": f"site-{e % 8}",
+                "platform": "kubeedge",
+                "bandwidthMbps": 1000,
+                "latencyMs": 1,
+                "devices": [
+                    {
+                        "count": 4,
+                        "accelerator": "NVIDIA-T4",
+                        "computeTflops": 6,
+                        "memoryBytes": "15Gi",
+                    }
+                ],
+            }
+        )
     for k in range(512):
-        nodes.append({"name": f"end-{k}", "tier": "end", "arch": "arm64", "platform": "k3s",
-                      "bandwidthMbps": 100 + 100 * (k % 3), "latencyMs": 3,
-                      "devices": [{"count": 1, "accelerator": "NVIDIA-Jetson-Orin-NX",
-                                   "computeTflops": 1.9, "memoryBytes": "6Gi"}]})
+        nodes.append(
+            {
+                "name": f"end-{k}",
+                "tier": "end",
+                "arch": "arm64",
+                "platform": "k3s",
+                "bandwidthMbps": 100 + 100 * (k % 3),
+                "latencyMs": 3,
+                "devices": [
+                    {
+                        "count": 1,
+                        "accelerator": "NVIDIA-Jetson-Orin-NX",
+                        "computeTflops": 1.9,
+                        "memoryBytes": "6Gi",
+                    }
+                ],
+            }
+        )
     return {
         "apiVersion": "spantrain.io/v1alpha1",
         "kind": "Cluster",

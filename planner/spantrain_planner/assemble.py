@@ -84,9 +84,7 @@ def stage_costs(
         if s > 0:
             prev = sums.range(layouts[s - 1].layer_start, layouts[s - 1].layer_end)
             send_b = boundary_seconds(layouts[s - 1], lay, topology, prev.output_bytes)
-        result.append(
-            StageCost(durations["F"], durations["B"], durations["W"], send_f, send_b)
-        )
+        result.append(StageCost(durations["F"], durations["B"], durations["W"], send_f, send_b))
     return result
 
 
@@ -108,7 +106,9 @@ def boundary_seconds(
             if rows and sd != dd:
                 a, b = topology.devices[sd], topology.devices[dd]
                 key = (a.node, b.node) if a.node != b.node else (a.id, b.id)
-                serial[key] = serial.get(key, 0.0) + rows * bytes_per_row / topology.bandwidth[sd][dd]
+                serial[key] = (
+                    serial.get(key, 0.0) + rows * bytes_per_row / topology.bandwidth[sd][dd]
+                )
                 latency = max(latency, topology.latency[sd][dd])
             d_off += ds
         s_off += ss
@@ -150,8 +150,12 @@ def assemble(
             dev = topology.devices[d]
             devices.append(
                 DeviceAssignment(
-                    rank=rank, device_id=dev.id, node=dev.node, arch=dev.arch,
-                    accelerator=dev.accelerator, microbatch_share=share,
+                    rank=rank,
+                    device_id=dev.id,
+                    node=dev.node,
+                    arch=dev.arch,
+                    accelerator=dev.accelerator,
+                    microbatch_share=share,
                 )
             )
             rank += 1
@@ -221,7 +225,10 @@ def with_prediction(plan: Plan, sim: SimResult) -> Plan:
                 memory_bytes=cap,
             )
             for dev, busy, peak, cap in zip(
-                sim.device_ids, sim.busy_seconds, sim.peak_memory_bytes, sim.memory_capacity,
+                sim.device_ids,
+                sim.busy_seconds,
+                sim.peak_memory_bytes,
+                sim.memory_capacity,
                 strict=True,
             )
         ],

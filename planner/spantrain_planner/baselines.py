@@ -37,9 +37,9 @@ from .search import (
     StageDevices,
     coarsen,
     even_shares,
+    joint_partition,
     microbatch_candidates,
     partition_layers,
-    proportional_shares,
 )
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
 
@@ -67,8 +67,14 @@ def _best(
     best: Scored | None = None
     for layouts, m, schedule in candidates:
         plan, sim = assemble(
-            layouts, ctx.topology, ctx.profile, schedule=schedule, num_microbatches=m,
-            strategy=strategy, cost=ctx.cost, sums=ctx.sums,
+            layouts,
+            ctx.topology,
+            ctx.profile,
+            schedule=schedule,
+            num_microbatches=m,
+            strategy=strategy,
+            cost=ctx.cost,
+            sums=ctx.sums,
         )
         assert sim is not None
         if sim.memory_violations():
@@ -82,13 +88,15 @@ def data_parallel(ctx: _Ctx, devices: Sequence[int], strategy: str = "dp-all") -
     """DDP: equal shares; the fewest micro-batches (gradient accumulation) that fit memory."""
     devices = list(devices)[: ctx.global_batch]
     valid = [
-        m for m in range(1, ctx.global_batch + 1)
+        m
+        for m in range(1, ctx.global_batch + 1)
         if ctx.global_batch % m == 0 and ctx.global_batch // m >= len(devices)
     ]
     for m in valid:  # smallest first: accumulation only when memory forces it
         b = ctx.global_batch // m
-        layout = StageLayout(0, ctx.profile.num_layers, tuple(devices),
-                             tuple(even_shares(len(devices), b)))
+        layout = StageLayout(
+            0, ctx.profile.num_layers, tuple(devices), tuple(even_shares(len(devices), b))
+        )
         found = _best([([layout], m, "1f1b")], ctx, strategy)
         if found is not None:
             return found
@@ -128,8 +136,18 @@ def _homogenized(topology: Topology) -> Topology:
     bw = statistics.median(links) if links else math.inf
     lat = statistics.median(lats) if lats else 0.0
     devs = tuple(
-        Device(d.index, d.id, f"node-{d.index}", d.tier, d.zone, d.arch, d.accelerator,
-               mean_flops, mean_mem, d.platform)
+        Device(
+            d.index,
+            d.id,
+            f"node-{d.index}",
+            d.tier,
+            d.zone,
+            d.arch,
+            d.accelerator,
+            mean_flops,
+            mean_mem,
+            d.platform,
+        )
         for d in topology.devices
     )
     n = topology.num_devices
@@ -181,96 +199,27 @@ def pipedream(ctx: _Ctx, max_stages: int = 16) -> Scored | None:
 
 
 def asteroid(ctx: _Ctx, max_units: int = 48) -> Scored | None:
-    """Asteroid-like joint DP over device prefixes and layer prefixes (fastest devices first)."""
+    """Asteroid-like joint DP over device prefixes and layer prefixes (fastest devices first).
+
+    The same joint width x layer DP the SpanTrain search uses, but over one flat device order
+    (no network groups: a stage may span a slow link) and scored with 1F1B only.
+    """
     topo = ctx.topology
     order = sorted(range(topo.num_devices), key=lambda d: (-topo.devices[d].flops, d))
     unit = max(1, math.ceil(len(order) / max_units))
     units = [tuple(order[i : i + unit]) for i in range(0, len(order), unit)]
     coarse, bounds = coarsen(ctx.profile)
     csums = ProfileSums(coarse)
-    num_layers = coarse.num_layers
-    work = [0.0] * (num_layers + 1)
-    for i, layer in enumerate(coarse.layers):
-        work[i + 1] = work[i] + (
-            layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
-        )
     candidates: list[tuple[float, list[StageLayout], int]] = []
-    u_count = len(units)
-    for m in microbatch_candidates(ctx.global_batch, 1, 1, None):
-        b = ctx.global_batch // m
-        inf = math.inf
-        # f[k][l]: best bottleneck placing layers [0, l) on units [0, k); back pointers
-        f = [[inf] * (num_layers + 1) for _ in range(u_count + 1)]
-        back: list[list[tuple[int, int] | None]] = [
-            [None] * (num_layers + 1) for _ in range(u_count + 1)
-        ]
-        f[0][0] = 0.0
-        stage_cache: dict[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]] | None] = {}
-
-        def stage_of(k0: int, k1: int, b: int = b) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-            key = (k0, k1)
-            if key not in stage_cache:
-                devs = tuple(d for u in units[k0:k1] for d in u)
-                if len(devs) > b:
-                    stage_cache[key] = None
-                else:
-                    shares = proportional_shares([topo.devices[d].flops for d in devs], b)
-                    kept = [(d, s) for d, s in zip(devs, shares, strict=True) if s > 0]
-                    stage_cache[key] = (tuple(d for d, _ in kept), tuple(s for _, s in kept))
-            return stage_cache[key]
-
-        for k in range(1, u_count + 1):
-            for k0 in range(k):
-                st = stage_of(k0, k)
-                if st is None:
-                    continue
-                devs, shares = st
-                slow = max(s / topo.devices[d].flops for d, s in zip(devs, shares, strict=True))
-                nxt = units[k][0] if k < u_count else None
-                ring_x = (
-                    ring_allreduce_seconds(topo, list(devs), 1_000_000) / 1_000_000
-                    if len(devs) > 1 else 0.0
-                )
-                for l1 in range(1, num_layers + 1):
-                    for l0 in range(l1):
-                        prev = f[k0][l0]
-                        if prev == inf:
-                            continue
-                        rs = csums.range(l0, l1)
-                        need = rs.param_bytes * ctx.cost.state_copies
-                        infl = min(m, u_count)  # 1F1B: at most p in flight; p unknown yet
-                        if any(
-                            need + infl * s * rs.stash_bytes > topo.devices[d].memory_bytes
-                            for d, s in zip(devs, shares, strict=True)
-                        ):
-                            continue
-                        compute = slow * (work[l1] - work[l0])
-                        comm = 0.0
-                        if nxt is not None and l1 < num_layers:
-                            comm = 2 * topo.transfer_seconds(
-                                devs[-1], nxt, b * coarse.layers[l1 - 1].output_bytes
-                            )
-                        c = max(compute, comm) + ring_x * rs.param_bytes / m
-                        v = max(prev, c)
-                        if v < f[k][l1]:
-                            f[k][l1] = v
-                            back[k][l1] = (k0, l0)
-        for k in range(1, u_count + 1):
-            if f[k][num_layers] == inf:
-                continue
-            layouts: list[StageLayout] = []
-            kk, ll = k, num_layers
-            while kk > 0:
-                ptr = back[kk][ll]
-                assert ptr is not None
-                k0, l0 = ptr
-                st = stage_of(k0, kk)
-                assert st is not None
-                layouts.append(StageLayout(bounds[l0], bounds[ll], st[0], st[1]))
-                kk, ll = k0, l0
-            layouts.reverse()
-            p = len(layouts)
-            candidates.append(((m + p - 1) * f[k][num_layers], layouts, m))
+    for m in microbatch_candidates(ctx.global_batch, 1, len(units[0]), None):
+        for bottleneck, stages, ranges in joint_partition(
+            units, topo, csums, m, ctx.global_batch // m, cost=ctx.cost
+        ):
+            layouts = [
+                StageLayout(bounds[a], bounds[z], st.devices, st.shares)
+                for st, (a, z) in zip(stages, ranges, strict=True)
+            ]
+            candidates.append(((m + len(layouts) - 1) * bottleneck, layouts, m))
     candidates.sort(key=lambda t: t[0])
     return _best([(lay, m, "1f1b") for _, lay, m in candidates[:8]], ctx, "asteroid")
 

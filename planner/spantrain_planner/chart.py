@@ -34,11 +34,18 @@ LABELS = {
 
 
 class Bar(Protocol):
-    device: int
-    start: float
-    end: float
-    kind: str
-    microbatch: int
+    """Anything with these read-only attributes (the simulator's and the worker's intervals)."""
+
+    @property
+    def device(self) -> int: ...
+    @property
+    def start(self) -> float: ...
+    @property
+    def end(self) -> float: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def microbatch(self) -> int: ...
 
 
 def draw_timeline(
@@ -64,15 +71,27 @@ def draw_timeline(
     kinds_seen: list[str] = []
     for bar in bars:
         ax.barh(
-            bar.device, bar.end - bar.start, left=bar.start, height=0.8,
-            color=COLORS.get(bar.kind, "#777777"), edgecolor="white", linewidth=0.3,
+            bar.device,
+            bar.end - bar.start,
+            left=bar.start,
+            height=0.8,
+            color=COLORS.get(bar.kind, "#777777"),
+            edgecolor="white",
+            linewidth=0.3,
         )
         if bar.kind not in kinds_seen:
             kinds_seen.append(bar.kind)
         width = bar.end - bar.start
         if bar.microbatch >= 0 and width > end / 60:
-            ax.text(bar.start + width / 2, bar.device, str(bar.microbatch), ha="center",
-                    va="center", fontsize=6, color="white")
+            ax.text(
+                bar.start + width / 2,
+                bar.device,
+                str(bar.microbatch),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white",
+            )
     ax.set_yticks(range(n))
     ax.set_yticklabels(device_labels, fontsize=7)
     ax.invert_yaxis()
@@ -81,7 +100,10 @@ def draw_timeline(
     ax.set_title(title, fontsize=9)
     ax.legend(
         handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in COLORS if k in kinds_seen],
-        loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / max(n, 1)), ncol=6, fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12 - 0.6 / max(n, 1)),
+        ncol=6,
+        fontsize=7,
         frameon=False,
     )
     fig.tight_layout()

@@ -35,12 +35,16 @@ def add_plan_parser(sub: Any) -> None:
     )
     p.add_argument("cluster", metavar="CLUSTER_FILE", help="cluster description (YAML/JSON)")
     p.add_argument(
-        "--model", required=True, metavar="PRESET_OR_PROFILE",
+        "--model",
+        required=True,
+        metavar="PRESET_OR_PROFILE",
         help=f"model preset ({', '.join(preset_names())}) or a profile file",
     )
     p.add_argument("--batch", type=int, default=32, help="global batch (default 32)")
     p.add_argument(
-        "--schedule", choices=["auto", "gpipe", "1f1b", "zb"], default="auto",
+        "--schedule",
+        choices=["auto", "gpipe", "1f1b", "zb"],
+        default="auto",
         help="pipeline schedule (default auto: the fastest)",
     )
     p.add_argument("--microbatches", type=int, default=None, help="micro-batch count")
@@ -100,10 +104,12 @@ def run_plan(args: argparse.Namespace) -> int:
         print(baseline_table(sim.samples_per_second, scores))
         general = [v for k, v in scores.items() if k in GENERAL and v]
         if general:
-            print(f"\nspeed-up over the best general-purpose baseline: "
-                  f"{sim.samples_per_second / max(general):.2f}x; over the Asteroid-like hybrid: "
-                  f"{_ratio(sim.samples_per_second, scores.get(HYBRID))}; over data parallel on "
-                  f"the best group: {_ratio(sim.samples_per_second, scores.get(BEST_GROUP))}")
+            print(
+                f"\nspeed-up over the best general-purpose baseline: "
+                f"{sim.samples_per_second / max(general):.2f}x; over the Asteroid-like hybrid: "
+                f"{_ratio(sim.samples_per_second, scores.get(HYBRID))}; over data parallel on "
+                f"the best group: {_ratio(sim.samples_per_second, scores.get(BEST_GROUP))}"
+            )
     if args.chart:
         print(f"timeline chart: {args.chart}")
     return 0

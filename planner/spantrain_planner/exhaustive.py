@@ -64,17 +64,17 @@ def exhaustive_plan(
                     b = options.global_batch // m
                     stages = []
                     for block in blocks:
-                        shares = proportional_shares(
-                            [topology.devices[d].flops for d in block], b
-                        )
+                        shares = proportional_shares([topology.devices[d].flops for d in block], b)
                         kept = [(d, s) for d, s in zip(block, shares, strict=True) if s > 0]
                         stages.append(kept)
                     for cuts in itertools.combinations(range(1, num_layers), p - 1):
                         bounds = [0, *cuts, num_layers]
                         layouts = [
                             StageLayout(
-                                bounds[j], bounds[j + 1],
-                                tuple(d for d, _ in stages[j]), tuple(s for _, s in stages[j]),
+                                bounds[j],
+                                bounds[j + 1],
+                                tuple(d for d, _ in stages[j]),
+                                tuple(s for _, s in stages[j]),
                             )
                             for j in range(p)
                         ]
@@ -84,9 +84,15 @@ def exhaustive_plan(
                                 variants.append([min(m, 2 * (p - s)) for s in range(p)])
                             for limits in variants:
                                 plan, sim = assemble(
-                                    layouts, topology, profile, schedule=schedule,
-                                    num_microbatches=m, inflight_limits=limits,
-                                    max_pending_w=limits, cost=cost, sums=sums,
+                                    layouts,
+                                    topology,
+                                    profile,
+                                    schedule=schedule,
+                                    num_microbatches=m,
+                                    inflight_limits=limits,
+                                    max_pending_w=limits,
+                                    cost=cost,
+                                    sums=sums,
                                 )
                                 assert sim is not None
                                 if sim.memory_violations():
@@ -101,6 +107,7 @@ def microbatch_candidates_all(options: PlannerOptions, widest: int) -> list[int]
     if options.num_microbatches is not None:
         return microbatch_candidates(options.global_batch, 1, widest, options.num_microbatches)
     return [
-        m for m in range(1, options.global_batch + 1)
+        m
+        for m in range(1, options.global_batch + 1)
         if options.global_batch % m == 0 and options.global_batch // m >= widest
     ]

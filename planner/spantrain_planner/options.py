@@ -28,12 +28,14 @@ class PlannerOptions(BaseModel):
         None, ge=1, description="Micro-batches per step; unset means chosen by the planner."
     )
     network_cut_ratio: float = Field(
-        4.0, gt=1.0,
+        4.0,
+        gt=1.0,
         description="Level-1 grouping: devices stay in one network group while their link is "
         "within this factor of the group's fastest link.",
     )
     compute_tolerance: float = Field(
-        0.3, ge=0.0,
+        0.3,
+        ge=0.0,
         description="Level-2 grouping: devices whose speeds differ by less than this fraction "
         "share a compute group.",
     )

@@ -145,9 +145,7 @@ def gpt_profile(
         "seqLen": seq_len,
         "vocabSize": vocab_size,
     }
-    return ModelProfile(
-        name=name, family="gpt", config=config, bytes_per_element=b, layers=layers
-    )
+    return ModelProfile(name=name, family="gpt", config=config, bytes_per_element=b, layers=layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,30 +325,94 @@ def mlp_profile(
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # tests and the local demo (train on 2 CPU cores)
-    "gpt-tiny": {"family": "gpt", "num_layers": 2, "d_model": 32, "num_heads": 2,
-                 "seq_len": 16, "vocab_size": 256},
-    "gpt-mini": {"family": "gpt", "num_layers": 6, "d_model": 128, "num_heads": 4,
-                 "seq_len": 64, "vocab_size": 256},
-    "gpt-small-local": {"family": "gpt", "num_layers": 8, "d_model": 192, "num_heads": 6,
-                        "seq_len": 128, "vocab_size": 256},
-    "mlp-tiny": {"family": "mlp", "in_features": 16, "hidden": 32, "num_layers": 4,
-                 "num_classes": 10},
-    "resnet-tiny": {"family": "resnet", "block": "basic", "stage_blocks": [1, 1, 1],
-                    "width": 8, "image_size": 16, "num_classes": 10},
+    "gpt-tiny": {
+        "family": "gpt",
+        "num_layers": 2,
+        "d_model": 32,
+        "num_heads": 2,
+        "seq_len": 16,
+        "vocab_size": 256,
+    },
+    "gpt-mini": {
+        "family": "gpt",
+        "num_layers": 6,
+        "d_model": 128,
+        "num_heads": 4,
+        "seq_len": 64,
+        "vocab_size": 256,
+    },
+    "gpt-small-local": {
+        "family": "gpt",
+        "num_layers": 8,
+        "d_model": 192,
+        "num_heads": 6,
+        "seq_len": 128,
+        "vocab_size": 256,
+    },
+    "mlp-tiny": {
+        "family": "mlp",
+        "in_features": 16,
+        "hidden": 32,
+        "num_layers": 4,
+        "num_classes": 10,
+    },
+    "resnet-tiny": {
+        "family": "resnet",
+        "block": "basic",
+        "stage_blocks": [1, 1, 1],
+        "width": 8,
+        "image_size": 16,
+        "num_classes": 10,
+    },
     # the paper's workloads (planning; CIFAR-10-sized inputs for the CNN as in its plan)
-    "resnet18": {"family": "resnet", "block": "basic", "stage_blocks": [2, 2, 2, 2],
-                 "width": 64, "image_size": 32, "num_classes": 10},
-    "resnet50": {"family": "resnet", "block": "bottleneck", "stage_blocks": [3, 4, 6, 3],
-                 "width": 64, "image_size": 32, "num_classes": 10},
-    "resnet50-imagenet": {"family": "resnet", "block": "bottleneck",
-                          "stage_blocks": [3, 4, 6, 3], "width": 64, "image_size": 224,
-                          "num_classes": 1000},
-    "bert-small": {"family": "gpt", "num_layers": 4, "d_model": 512, "num_heads": 8,
-                   "seq_len": 128, "vocab_size": 30522},
-    "gpt2-small": {"family": "gpt", "num_layers": 12, "d_model": 768, "num_heads": 12,
-                   "seq_len": 1024, "vocab_size": 50257},
-    "gpt2-medium": {"family": "gpt", "num_layers": 24, "d_model": 1024, "num_heads": 16,
-                    "seq_len": 1024, "vocab_size": 50257},
+    "resnet18": {
+        "family": "resnet",
+        "block": "basic",
+        "stage_blocks": [2, 2, 2, 2],
+        "width": 64,
+        "image_size": 32,
+        "num_classes": 10,
+    },
+    "resnet50": {
+        "family": "resnet",
+        "block": "bottleneck",
+        "stage_blocks": [3, 4, 6, 3],
+        "width": 64,
+        "image_size": 32,
+        "num_classes": 10,
+    },
+    "resnet50-imagenet": {
+        "family": "resnet",
+        "block": "bottleneck",
+        "stage_blocks": [3, 4, 6, 3],
+        "width": 64,
+        "image_size": 224,
+        "num_classes": 1000,
+    },
+    "bert-small": {
+        "family": "gpt",
+        "num_layers": 4,
+        "d_model": 512,
+        "num_heads": 8,
+        "seq_len": 128,
+        "vocab_size": 30522,
+    },
+    "gpt2-small": {
+        "family": "gpt",
+        "num_layers": 12,
+        "d_model": 768,
+        "num_heads": 12,
+        "seq_len": 1024,
+        "vocab_size": 50257,
+    },
+    "gpt2-medium": {
+        "family": "gpt",
+        "num_layers": 24,
+        "d_model": 1024,
+        "num_heads": 16,
+        "seq_len": 1024,
+        "vocab_size": 50257,
+    },
 }
 
 

@@ -33,8 +33,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], markdown: bo
     lines = [fmt(list(headers))]
     if markdown:
         lines.append(
-            "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2))
-                           for w, n in zip(widths, numeric, strict=True)) + "|"
+            "|"
+            + "|".join(
+                ("-" * (w + 1) + ":") if n else ("-" * (w + 2))
+                for w, n in zip(widths, numeric, strict=True)
+            )
+            + "|"
         )
     else:
         lines.append("  ".join("-" * w for w in widths))
@@ -69,8 +73,11 @@ def _devices_text(devices: Sequence[str]) -> str:
         if len(locals_) == 1:
             parts.append(f"{node}/{locals_[0]}")
         else:
-            parts.append(f"{node}/{locals_[0]}..{locals_[-1][-1]}" if len(locals_) > 2
-                         else f"{node}/{','.join(locals_)}")
+            parts.append(
+                f"{node}/{locals_[0]}..{locals_[-1][-1]}"
+                if len(locals_) > 2
+                else f"{node}/{','.join(locals_)}"
+            )
     return " ".join(parts)
 
 
@@ -99,8 +106,17 @@ def plan_table(plan: Plan) -> str:
         f"(global batch {plan.global_batch})"
     )
     body = table(
-        ["stage", "layers", "devices", "shares", "F/mb", "B+W/mb", "send/mb", "all-reduce",
-         "mem GiB"],
+        [
+            "stage",
+            "layers",
+            "devices",
+            "shares",
+            "F/mb",
+            "B+W/mb",
+            "send/mb",
+            "all-reduce",
+            "mem GiB",
+        ],
         rows,
     )
     lines = [head, body]
@@ -121,7 +137,9 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def baseline_table(ours: float, baselines: Mapping[str, float | None], markdown: bool = False) -> str:
+def baseline_table(
+    ours: float, baselines: Mapping[str, float | None], markdown: bool = False
+) -> str:
     """samples/s of SpanTrain and each baseline, with SpanTrain's ratio over each."""
     rows: list[list[object]] = [["spantrain", f"{ours:.1f}", "1.00x"]]
     for name, value in baselines.items():

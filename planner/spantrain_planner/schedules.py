@@ -103,9 +103,7 @@ def zero_bubble(
             choice = "B"
         elif f_at is not None and f_at <= now:
             choice = "F"
-        elif pending_w[s] and (
-            w_full or b_at is None or now + cost.backward_weight <= b_at
-        ):
+        elif pending_w[s] and (w_full or b_at is None or now + cost.backward_weight <= b_at):
             # a W fills idle time, but never delays a B whose gradient is already on its way
             choice = "W"
         if choice is None:
@@ -153,11 +151,11 @@ def fuse_backward(actions: list[str]) -> list[str]:
     k = 0
     while k < len(actions):
         a = actions[k]
-        if a.startswith("B") and not a.startswith("BW") and k + 1 < len(actions):
-            if actions[k + 1] == "W" + a[1:]:
-                fused.append("BW" + a[1:])
-                k += 2
-                continue
+        is_b = a.startswith("B") and not a.startswith("BW")
+        if is_b and k + 1 < len(actions) and actions[k + 1] == "W" + a[1:]:
+            fused.append("BW" + a[1:])
+            k += 2
+            continue
         fused.append(a)
         k += 1
     return fused

@@ -34,6 +34,9 @@ from .errors import InfeasibleError, InputError, gib
 from .grouping import NetworkGroup, group_devices
 from .options import PlannerOptions
 from .plan import ExcludedDevice, Plan, Schedule
+
+#: Schedules from the most activation memory to the least, tried in this order as a probe.
+SCHEDULES_BY_MEMORY: tuple[Schedule, ...] = ("zb", "1f1b", "gpipe")
 from .profiles import LayerProfile, ModelProfile
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
 from .validate import validate_plan
@@ -42,8 +45,8 @@ EXHAUSTIVE_GROUPS = 4  # every ordered subset of up to this many network groups
 TOP_CANDIDATES = 6  # structures simulated
 FINALISTS = 3  # structures simulated under every schedule
 POLISH_ROUNDS = 4  # greedy boundary moves checked by simulation
-SMALL_CLUSTER = 8
-TINY_CLUSTER = 6  # at most this many devices: every pipeline order is tried and simulated  # at most this many devices: simulate four times as many candidates
+SMALL_CLUSTER = 8  # at most this many devices: simulate several times more candidates
+TINY_CLUSTER = 6  # at most this many devices: every pipeline order is tried and simulated
 MAX_SPLIT = 8  # most stages one network group is split into
 JOINT_UNITS = 24  # the joint width x layer DP runs when the pipeline has at most this many units
 
@@ -128,8 +131,8 @@ def partition_layers(
         work[i + 1] = (
             work[i] + layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
         )
-    params = sums._p  # noqa: SLF001 - prefix sums shared on purpose
-    stash = sums._s  # noqa: SLF001
+    params = sums._p
+    stash = sums._s
     out_bytes = [layer.output_bytes for layer in sums.profile.layers]
     overhead3 = 3 * cost.overhead_per_layer
     # per stage: slowest per-sample time factor, boundary bytes->seconds factor, latency
@@ -267,14 +270,16 @@ def joint_partition(
         work[i + 1] = work[i] + (
             layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
         )
-    params = sums._p  # noqa: SLF001
-    stash = sums._s  # noqa: SLF001
+    params = sums._p
+    stash = sums._s
     out_bytes = [layer.output_bytes for layer in sums.profile.layers]
     copies = cost.state_copies
     overhead3 = 3 * cost.overhead_per_layer
     inf = math.inf
     f = [[inf] * (num_layers + 1) for _ in range(num_units + 1)]
-    back: list[list[tuple[int, int]]] = [[(-1, -1)] * (num_layers + 1) for _ in range(num_units + 1)]
+    back: list[list[tuple[int, int]]] = [
+        [(-1, -1)] * (num_layers + 1) for _ in range(num_units + 1)
+    ]
     f[0][0] = 0.0
     stages: dict[tuple[int, int], StageDevices | None] = {}
     for k in range(1, num_units + 1):
@@ -340,9 +345,9 @@ def joint_partition(
             if k0 == SKIP:  # unit kk-1 left out
                 kk -= 1
                 continue
-            stage = stages[(k0, kk)]
-            assert stage is not None
-            chosen.append(stage)
+            found = stages[(k0, kk)]
+            assert found is not None
+            chosen.append(found)
             ranges.append((l0, ll))
             kk, ll = k0, l0
         chosen.reverse()
@@ -357,7 +362,9 @@ def joint_partition(
 COARSE_LAYERS = 24  # the structure search runs on at most this many merged layers
 
 
-def coarsen(profile: ModelProfile, max_layers: int = COARSE_LAYERS) -> tuple[ModelProfile, list[int]]:
+def coarsen(
+    profile: ModelProfile, max_layers: int = COARSE_LAYERS
+) -> tuple[ModelProfile, list[int]]:
     """Merge runs of consecutive layers into at most ``max_layers`` of similar work.
 
     Returns the merged profile and the fine index where each merged layer starts (plus the
@@ -376,9 +383,9 @@ def coarsen(profile: ModelProfile, max_layers: int = COARSE_LAYERS) -> tuple[Mod
     for i in range(n):
         acc += work[i]
         left = max_layers - len(bounds)  # merged layers still to open after this one
-        if i + 1 < n and (acc >= total * len(bounds) / max_layers or n - (i + 1) <= left):
-            if len(bounds) < max_layers:
-                bounds.append(i + 1)
+        due = acc >= total * len(bounds) / max_layers or n - (i + 1) <= left
+        if i + 1 < n and due and len(bounds) < max_layers:
+            bounds.append(i + 1)
     bounds.append(n)
     merged = []
     for a, b in itertools.pairwise(bounds):
@@ -472,8 +479,10 @@ def microbatch_candidates(
     if not valid:
         return []
     targets = [1, num_stages, 2 * num_stages, 4 * num_stages, 8 * num_stages]
-    chosen = {min(valid, key=lambda d, t=t: (abs(math.log(d / t)), d)) for t in targets}
-    return sorted(chosen)
+    def nearest(target: int) -> int:
+        return min(valid, key=lambda d: (abs(math.log(d / target)), d))
+
+    return sorted({nearest(t) for t in targets})
 
 
 StageSets = tuple[tuple[tuple[int, ...], int], ...]  # (devices, network group) per stage
@@ -602,6 +611,7 @@ class _Searcher:
         unit_group: list[int] = []
         per_device = sum(len(g.devices) for g in groups) <= JOINT_UNITS
         for g in groups:
+            blocks: list[tuple[int, ...]]
             if per_device:
                 blocks = [(d,) for cg in g.compute_groups for d in cg]
             else:
@@ -626,8 +636,13 @@ class _Searcher:
             if self.options.num_microbatches not in (None, m):
                 continue
             for _, stages, _ in joint_partition(
-                units, self.topology, self.search_sums, m, self.options.global_batch // m,
-                same_stage_allowed=allowed, skip_units=self.options.allow_exclusion,
+                units,
+                self.topology,
+                self.search_sums,
+                m,
+                self.options.global_batch // m,
+                same_stage_allowed=allowed,
+                skip_units=self.options.allow_exclusion,
                 cost=self.cost,
             ):
                 stage_sets = tuple((st.devices, group_of[st.devices[0]]) for st in stages)
@@ -670,7 +685,8 @@ def group_variants(topology: Topology, group: NetworkGroup) -> list[NetworkGroup
                 index=group.index,
                 devices=devices,
                 compute_groups=tuple(
-                    cg2 for cg in group.compute_groups
+                    cg2
+                    for cg in group.compute_groups
                     if (cg2 := tuple(d for d in cg if d in devices))
                 ),
                 nodes=tuple(n for n in group.nodes if n in keep),
@@ -740,7 +756,8 @@ def search(
     for order in orders:
         searcher.climb(order)
     joint_orders = (
-        itertools.permutations(groups, len(groups)) if len(groups) <= EXHAUSTIVE_GROUPS
+        itertools.permutations(groups, len(groups))
+        if len(groups) <= EXHAUSTIVE_GROUPS
         else [groups]
     )
     small_cluster = topology.num_devices <= SMALL_CLUSTER
@@ -759,8 +776,9 @@ def search(
         # devices), stages free to span groups
         group_index = {d: g.index for g in groups for d in g.devices}
         if topology.num_devices <= 5:
-            unit_orders = [[(d,) for d in perm] for perm in
-                           itertools.permutations(range(topology.num_devices))]
+            unit_orders = [
+                [(d,) for d in perm] for perm in itertools.permutations(range(topology.num_devices))
+            ]
         else:
             unit_orders = [
                 [(d.index,) for n in perm for d in topology.devices if d.node == n]
@@ -770,9 +788,15 @@ def search(
             searcher.joint_units(units, [group_index[u[0]] for u in units], cross_groups=True)
     fastest_first = sorted(topology.devices, key=lambda d: (-d.flops, d.index))
     searcher.joint(
-        [NetworkGroup(0, tuple(d.index for d in fastest_first),
-                      tuple((d.index,) for d in fastest_first),
-                      tuple(dict.fromkeys(d.node for d in fastest_first)), 0.0)],
+        [
+            NetworkGroup(
+                0,
+                tuple(d.index for d in fastest_first),
+                tuple((d.index,) for d in fastest_first),
+                tuple(dict.fromkeys(d.node for d in fastest_first)),
+                0.0,
+            )
+        ],
         cross_groups=True,
     )
     if len(groups) > 1:
@@ -780,8 +804,7 @@ def search(
             index=len(groups),
             devices=tuple(d.index for d in topology.devices),
             compute_groups=tuple(
-                tuple(sorted(cg))
-                for cg in _merge_compute_groups(groups, topology)
+                tuple(sorted(cg)) for cg in _merge_compute_groups(groups, topology)
             ),
             nodes=tuple(n for g in groups for n in g.nodes),
             internal_bandwidth=min(g.internal_bandwidth for g in groups),
@@ -806,9 +829,15 @@ def search(
         p = len(layouts)
         limits = [min(cand.num_microbatches, 2 * (p - s)) for s in range(p)] if relaxed else None
         plan, sim = assemble(
-            layouts, topology, profile, schedule=schedule,
-            num_microbatches=cand.num_microbatches, inflight_limits=limits,
-            max_pending_w=limits, cost=cost, sums=searcher.sums,
+            layouts,
+            topology,
+            profile,
+            schedule=schedule,
+            num_microbatches=cand.num_microbatches,
+            inflight_limits=limits,
+            max_pending_w=limits,
+            cost=cost,
+            sums=searcher.sums,
         )
         assert sim is not None
         searcher.stats.simulations += 1
@@ -837,7 +866,7 @@ def search(
             group.append(cand)
     top = len(by_structure) if tiny else TOP_CANDIDATES * (8 if small else 1)
     first = [c for cands in list(by_structure.values())[:top] for c in cands]
-    probes: list[Schedule] = [x for x in ("zb", "1f1b", "gpipe") if x in schedules]
+    probes: list[Schedule] = [x for x in SCHEDULES_BY_MEMORY if x in schedules]
 
     def probe(cand: Candidate) -> float:
         """The first schedule that fits in memory (zb keeps the most activations)."""
@@ -858,7 +887,8 @@ def search(
     if best is not None:
         variants: list[tuple[Schedule, bool]] = (
             [(sch, False) for sch in schedules] + ([("zb", True)] if "zb" in schedules else [])
-            if small else []
+            if small
+            else []
         )
         starts = [best]
         if tiny:  # polish the other front runners too: cuts and structure interact
@@ -874,7 +904,9 @@ def search(
                 f"no plan fits in memory: device {dev} needs {gib(need)} but has {gib(cap)} "
                 f"(short by {gib(need - cap)}) in the most frugal plan found; lower "
                 f"training.globalBatch, raise planner.numMicrobatches, or add devices",
-                device_id=dev, needed_bytes=need, available_bytes=cap,
+                device_id=dev,
+                needed_bytes=need,
+                available_bytes=cap,
             )
         raise _infeasible(topology, profile, options, cost)
     _, plan, sim, _ = best
@@ -900,12 +932,15 @@ def _polish(
     schedule: Schedule = plan.schedule
     relaxed = bool(key[3])
     ranges = list(cand.ranges)
-    current = (
-        min(score(cand, sch, rel) for sch, rel in variants) if variants else sim.step_seconds
-    )
+    current = min(score(cand, sch, rel) for sch, rel in variants) if variants else sim.step_seconds
+    cuts = range(len(ranges) - 1)
+    if not variants and sim.stage_compute_seconds:
+        # large plans: only the cuts beside the slowest stage (each move costs a simulation)
+        slowest = max(range(len(ranges)), key=lambda i: sim.stage_compute_seconds[i])
+        cuts = range(max(0, slowest - 1), min(len(ranges) - 1, slowest + 1))
     for _ in range(rounds):
         improved = False
-        for j in range(len(ranges) - 1):
+        for j in cuts:
             for delta in (-1, 1):
                 cut = ranges[j][1] + delta
                 if not ranges[j][0] < cut < ranges[j + 1][1]:
@@ -914,8 +949,12 @@ def _polish(
                 trial[j] = (ranges[j][0], cut)
                 trial[j + 1] = (cut, ranges[j + 1][1])
                 moved = Candidate(
-                    cand.estimate, (*cand.key, tuple(trial)), cand.stages, tuple(trial),
-                    cand.num_microbatches, cand.groups_used,
+                    cand.estimate,
+                    (*cand.key, tuple(trial)),
+                    cand.stages,
+                    tuple(trial),
+                    cand.num_microbatches,
+                    cand.groups_used,
                 )
                 value = min(
                     score(moved, sch, rel) for sch, rel in (variants or [(schedule, relaxed)])
@@ -929,10 +968,7 @@ def _polish(
 def _compute_group_orders(group: NetworkGroup) -> list[NetworkGroup]:
     """The group with its compute groups in every order (fastest-first/last beyond three)."""
     cgs = list(group.compute_groups)
-    if len(cgs) <= 3:
-        perms = [list(p) for p in itertools.permutations(cgs)]
-    else:
-        perms = [cgs, cgs[::-1]]
+    perms = [list(p) for p in itertools.permutations(cgs)] if len(cgs) <= 3 else [cgs, cgs[::-1]]
     return [
         NetworkGroup(group.index, group.devices, tuple(p), group.nodes, group.internal_bandwidth)
         for p in perms
@@ -959,9 +995,7 @@ def _excluded(
             if dev.id in used:
                 continue
             if g.index not in used_groups and len(groups) > 1 and max(used_groups) < len(groups):
-                with_it = max(
-                    (v for k, v in best_all.items() if g.index in k), default=0.0
-                )
+                with_it = max((v for k, v in best_all.items() if g.index in k), default=0.0)
                 estimated = min(
                     (c.estimate for c in searcher.candidates if g.index in c.groups_used),
                     default=math.inf,
@@ -1001,7 +1035,9 @@ def _infeasible(
     for j in range(n):
         end = start + 1
         target = total * (j + 1) / n
-        while end < profile.num_layers - (n - 1 - j) and sums.range(0, end + 1).param_bytes <= target:
+        while (
+            end < profile.num_layers - (n - 1 - j) and sums.range(0, end + 1).param_bytes <= target
+        ):
             end += 1
         if j == n - 1:
             end = profile.num_layers
@@ -1028,5 +1064,7 @@ def _infeasible(
         f"micro-batch, device {dev.id} needs {gib(need)} but has {gib(cap)} "
         f"(short by {gib(need - cap)}); add devices with more memory, use a smaller model, "
         "or lower the precision",
-        device_id=dev.id, needed_bytes=need, available_bytes=cap,
+        device_id=dev.id,
+        needed_bytes=need,
+        available_bytes=cap,
     )

@@ -225,9 +225,9 @@ def simulate(
         channel_free[key] = start + serial
         arrivals[(direction, m, dst_rank, src_rank)] = start + serial + topology.latency[src][dst]
         na, nb = topology.devices[src].node, topology.devices[dst].node
-        link_busy[(na, nb) if na != nb else (topology.devices[src].id, topology.devices[dst].id)] += (
-            serial
-        )
+        link_busy[
+            (na, nb) if na != nb else (topology.devices[src].id, topology.devices[dst].id)
+        ] += serial
 
     def deps_time(rank: int, kind: str, m: int) -> float | None:
         if kind == "F":

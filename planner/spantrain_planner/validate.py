@@ -28,8 +28,9 @@ def _check_actions(stage_index: int, actions: list[str], num_microbatches: int) 
     for action in actions:
         kind, m = parse_action(action)
         if not 0 <= m < num_microbatches:
-            raise PlanValidationError(f"stage {stage_index}: {action} names a micro-batch >= "
-                                      f"{num_microbatches}")
+            raise PlanValidationError(
+                f"stage {stage_index}: {action} names a micro-batch >= {num_microbatches}"
+            )
         parts = ["B", "W"] if kind == "BW" else [kind]
         for part in parts:
             if m in seen[part]:
@@ -42,8 +43,9 @@ def _check_actions(stage_index: int, actions: list[str], num_microbatches: int) 
     for part, ms in seen.items():
         if len(ms) != num_microbatches:
             missing = sorted(set(range(num_microbatches)) - ms)
-            raise PlanValidationError(f"stage {stage_index}: {part} missing for micro-batches "
-                                      f"{missing[:5]}")
+            raise PlanValidationError(
+                f"stage {stage_index}: {part} missing for micro-batches {missing[:5]}"
+            )
 
 
 def validate_plan(
@@ -93,5 +95,7 @@ def validate_plan(
             raise InfeasibleError(
                 f"device {dev} needs {gib(need)} but has {gib(cap)} (short by "
                 f"{gib(need - cap)}); lower the batch or raise the micro-batch count",
-                device_id=dev, needed_bytes=need, available_bytes=cap,
+                device_id=dev,
+                needed_bytes=need,
+                available_bytes=cap,
             )

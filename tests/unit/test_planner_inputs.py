@@ -45,13 +45,31 @@ def _spec(**links: object) -> ClusterSpec:
         {
             "name": "t",
             "nodes": [
-                {"name": "c0", "tier": "cloud", "intraNodeBandwidthMbps": 80000,
-                 "devices": [{"count": 2, "computeTflops": 10, "memoryBytes": "8Gi",
-                              "accelerator": "A100"}]},
-                {"name": "c1", "tier": "cloud", "bandwidthMbps": 5000, "latencyMs": 0.3,
-                 "devices": [{"computeTflops": 10, "memoryBytes": "8Gi", "accelerator": "A100"}]},
-                {"name": "e0", "tier": "edge",
-                 "devices": [{"computeTflops": 2, "memoryBytes": "4Gi", "accelerator": "cpu"}]},
+                {
+                    "name": "c0",
+                    "tier": "cloud",
+                    "intraNodeBandwidthMbps": 80000,
+                    "devices": [
+                        {
+                            "count": 2,
+                            "computeTflops": 10,
+                            "memoryBytes": "8Gi",
+                            "accelerator": "A100",
+                        }
+                    ],
+                },
+                {
+                    "name": "c1",
+                    "tier": "cloud",
+                    "bandwidthMbps": 5000,
+                    "latencyMs": 0.3,
+                    "devices": [{"computeTflops": 10, "memoryBytes": "8Gi", "accelerator": "A100"}],
+                },
+                {
+                    "name": "e0",
+                    "tier": "edge",
+                    "devices": [{"computeTflops": 2, "memoryBytes": "4Gi", "accelerator": "cpu"}],
+                },
             ],
             "links": links,
         }
@@ -64,18 +82,37 @@ def _spec(**links: object) -> ClusterSpec:
         ({}, (0, 1), 80000, 0.01),  # same node: intra-node link
         ({}, (0, 2), 5000, 0.1 + 0.3),  # uplinks: the slower, latencies add
         ({}, (0, 3), 1000, 0.1 + 1.0),  # tier defaults (cloud 10G, edge 1G)
-        ({"rules": [{"between": ["cloud", "edge"], "bandwidthMbps": 100, "latencyMs": 5}]},
-         (2, 3), 100, 5),
-        ({"rules": [{"between": ["cloud", "edge"], "bandwidthMbps": 100},
-                    {"between": ["c1", "e0"], "bandwidthMbps": 300, "latencyMs": 1}]},
-         (2, 3), 300, 1),  # node-node beats tier-tier
-        ({"rules": [{"between": ["c1", "edge"], "bandwidthMbps": 200, "latencyMs": 1}],
-          "matrix": [{"a": "e0", "b": "c1", "bandwidthMbps": 42, "latencyMs": 7}]},
-         (3, 2), 42, 7),  # a measured matrix entry beats every rule
+        (
+            {"rules": [{"between": ["cloud", "edge"], "bandwidthMbps": 100, "latencyMs": 5}]},
+            (2, 3),
+            100,
+            5,
+        ),
+        (
+            {
+                "rules": [
+                    {"between": ["cloud", "edge"], "bandwidthMbps": 100},
+                    {"between": ["c1", "e0"], "bandwidthMbps": 300, "latencyMs": 1},
+                ]
+            },
+            (2, 3),
+            300,
+            1,
+        ),  # node-node beats tier-tier
+        (
+            {
+                "rules": [{"between": ["c1", "edge"], "bandwidthMbps": 200, "latencyMs": 1}],
+                "matrix": [{"a": "e0", "b": "c1", "bandwidthMbps": 42, "latencyMs": 7}],
+            },
+            (3, 2),
+            42,
+            7,
+        ),  # a measured matrix entry beats every rule
     ],
 )
-def test_link_resolution(links: dict[str, object], pair: tuple[int, int], mbps: float,
-                         ms: float) -> None:
+def test_link_resolution(
+    links: dict[str, object], pair: tuple[int, int], mbps: float, ms: float
+) -> None:
     topo = resolve(_spec(**links))
     i, j = pair
     assert topo.bandwidth[i][j] == pytest.approx(mbps * 1e6 / 8)
@@ -93,15 +130,21 @@ def test_device_ids_and_kinds() -> None:
     ("mutate", "message"),
     [
         (lambda d: d["nodes"].append(dict(d["nodes"][0])), "unique"),
-        (lambda d: d.update(links={"rules": [{"between": ["cloud", "moon"],
-                                              "bandwidthMbps": 1}]}), "moon"),
+        (
+            lambda d: d.update(
+                links={"rules": [{"between": ["cloud", "moon"], "bandwidthMbps": 1}]}
+            ),
+            "moon",
+        ),
         (lambda d: d["nodes"][0]["devices"][0].update(memoryBytes="lots"), "memoryBytes"),
         (lambda d: d["nodes"][0]["devices"][0].update(computeTflops=0), "computeTflops"),
     ],
 )
 def test_cluster_validation(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
-    data = {"name": "x", "nodes": [{"name": "a", "devices": [
-        {"computeTflops": 1, "memoryBytes": "1Gi"}]}]}
+    data = {
+        "name": "x",
+        "nodes": [{"name": "a", "devices": [{"computeTflops": 1, "memoryBytes": "1Gi"}]}],
+    }
     mutate(data)
     with pytest.raises(ValueError, match=message):
         ClusterSpec.model_validate(data)

@@ -31,8 +31,12 @@ def uniform_cluster(num_devices: int, mbps: float = 1e9, latency_ms: float = 0.0
         {
             "name": "u",
             "nodes": [
-                {"name": f"n{i}", "bandwidthMbps": mbps, "latencyMs": latency_ms / 2,
-                 "devices": [{"computeTflops": 1, "memoryBytes": "64Gi"}]}
+                {
+                    "name": f"n{i}",
+                    "bandwidthMbps": mbps,
+                    "latencyMs": latency_ms / 2,
+                    "devices": [{"computeTflops": 1, "memoryBytes": "64Gi"}],
+                }
                 for i in range(num_devices)
             ],
         }
@@ -44,9 +48,16 @@ def unit_profile(num_layers: int, output_bytes: int = 0) -> ModelProfile:
     return ModelProfile(
         name="unit",
         layers=[
-            LayerProfile(name=f"l{i}", forward_flops=1e12, backward_input_flops=1e12,
-                         backward_weight_flops=1e12, param_count=0, param_bytes=0,
-                         output_bytes=output_bytes, stash_bytes=0)
+            LayerProfile(
+                name=f"l{i}",
+                forward_flops=1e12,
+                backward_input_flops=1e12,
+                backward_weight_flops=1e12,
+                param_count=0,
+                param_bytes=0,
+                output_bytes=output_bytes,
+                stash_bytes=0,
+            )
             for i in range(num_layers)
         ],
     )
@@ -100,23 +111,28 @@ def test_one_f_one_b_lists() -> None:
 
 def test_fuse_backward() -> None:
     assert fuse_backward(["F0", "B0", "W0", "F1", "B1", "F2", "W1"]) == [
-        "F0", "BW0", "F1", "B1", "F2", "W1"]
+        "F0",
+        "BW0",
+        "F1",
+        "B1",
+        "F2",
+        "W1",
+    ]
 
 
 def test_zero_bubble_orders_are_complete() -> None:
     costs = [StageCost(1.0, 1.0, 1.0, 0.1, 0.1)] * 4
     for actions in zero_bubble(costs, 8):
-        assert sorted(actions) == sorted(
-            [f"{k}{i}" for k in "FBW" for i in range(8)]
-        )
+        assert sorted(actions) == sorted([f"{k}{i}" for k in "FBW" for i in range(8)])
 
 
 def _equal_stage_plan(p: int, m: int, schedule: str, mbps: float = 1e9, out: int = 0):  # type: ignore[no-untyped-def]
     topo = resolve(uniform_cluster(p, mbps=mbps))
     prof = unit_profile(p, output_bytes=out)
     layouts = [StageLayout(j, j + 1, (j,), (1,)) for j in range(p)]
-    plan, sim = assemble(layouts, topo, prof, schedule=schedule, num_microbatches=m,
-                         cost=NO_OVERHEAD)
+    plan, sim = assemble(
+        layouts, topo, prof, schedule=schedule, num_microbatches=m, cost=NO_OVERHEAD
+    )
     assert sim is not None
     return plan, sim, topo, prof
 
@@ -144,11 +160,23 @@ def test_zero_bubble_beats_1f1b_on_equal_stages(p: int, m: int) -> None:
 def test_simulator_link_time_by_hand() -> None:
     # 2 stages, 1 micro-batch, 10 MB per sample over 100 Mbit/s (0.8 s), 1 ms latency each way
     spec = ClusterSpec.model_validate(
-        {"name": "h", "nodes": [
-            {"name": "a", "bandwidthMbps": 100, "latencyMs": 0.5,
-             "devices": [{"computeTflops": 1, "memoryBytes": "8Gi"}]},
-            {"name": "b", "bandwidthMbps": 100, "latencyMs": 0.5,
-             "devices": [{"computeTflops": 1, "memoryBytes": "8Gi"}]}]}
+        {
+            "name": "h",
+            "nodes": [
+                {
+                    "name": "a",
+                    "bandwidthMbps": 100,
+                    "latencyMs": 0.5,
+                    "devices": [{"computeTflops": 1, "memoryBytes": "8Gi"}],
+                },
+                {
+                    "name": "b",
+                    "bandwidthMbps": 100,
+                    "latencyMs": 0.5,
+                    "devices": [{"computeTflops": 1, "memoryBytes": "8Gi"}],
+                },
+            ],
+        }
     )
     topo = resolve(spec)
     prof = unit_profile(2, output_bytes=10_000_000)
@@ -175,10 +203,22 @@ def test_resharding_transfers() -> None:
 
 def test_memory_peak_counts_stash_until_w() -> None:
     topo = resolve(uniform_cluster(2))
-    prof = ModelProfile(name="m", layers=[
-        LayerProfile(name="a", forward_flops=1e12, backward_input_flops=1e12,
-                     backward_weight_flops=1e12, param_count=10, param_bytes=40,
-                     output_bytes=0, stash_bytes=1000)] * 2)
+    prof = ModelProfile(
+        name="m",
+        layers=[
+            LayerProfile(
+                name="a",
+                forward_flops=1e12,
+                backward_input_flops=1e12,
+                backward_weight_flops=1e12,
+                param_count=10,
+                param_bytes=40,
+                output_bytes=0,
+                stash_bytes=1000,
+            )
+        ]
+        * 2,
+    )
     layouts = [StageLayout(0, 1, (0,), (1,)), StageLayout(1, 2, (1,), (1,))]
     _, gp = assemble(layouts, topo, prof, schedule="gpipe", num_microbatches=4)
     _, ob = assemble(layouts, topo, prof, schedule="1f1b", num_microbatches=4)
@@ -190,16 +230,32 @@ def test_memory_peak_counts_stash_until_w() -> None:
 def test_validation_catches_broken_plans() -> None:
     plan, sim, topo, prof = _equal_stage_plan(2, 2, "1f1b")
     validate_plan(plan, topo, prof, sim)
-    broken = plan.model_copy(update={"stages": [
-        plan.stages[0].model_copy(update={"actions": ["F0", "BW0", "F1"]}), plan.stages[1]]})
+    broken = plan.model_copy(
+        update={
+            "stages": [
+                plan.stages[0].model_copy(update={"actions": ["F0", "BW0", "F1"]}),
+                plan.stages[1],
+            ]
+        }
+    )
     with pytest.raises(PlanValidationError, match="missing"):
         validate_plan(broken, topo, prof)
-    gap = plan.model_copy(update={"stages": [
-        plan.stages[0].model_copy(update={"layer_end": 0 + 1}),
-        plan.stages[1].model_copy(update={"layer_start": 1, "layer_end": 1 + 0 + 1})]})
+    gap = plan.model_copy(
+        update={
+            "stages": [
+                plan.stages[0].model_copy(update={"layer_end": 0 + 1}),
+                plan.stages[1].model_copy(update={"layer_start": 1, "layer_end": 1 + 0 + 1}),
+            ]
+        }
+    )
     validate_plan(gap, topo, prof)
-    out_of_order = plan.model_copy(update={"stages": [
-        plan.stages[0].model_copy(update={"actions": ["BW0", "F0", "F1", "BW1"]}),
-        plan.stages[1]]})
+    out_of_order = plan.model_copy(
+        update={
+            "stages": [
+                plan.stages[0].model_copy(update={"actions": ["BW0", "F0", "F1", "BW1"]}),
+                plan.stages[1],
+            ]
+        }
+    )
     with pytest.raises(PlanValidationError, match="before"):
         validate_plan(out_of_order, topo, prof)

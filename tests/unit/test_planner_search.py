@@ -52,8 +52,9 @@ def test_plan_invariants_on_random_inventories(
     # every layer exactly once, shares sum per stage, all devices used or excluded
     layers = [i for stage in plan.stages for i in stage.layers]
     assert layers == list(range(num_layers))
-    assert all(sum(d.microbatch_share for d in s.devices) == plan.microbatch_size
-               for s in plan.stages)
+    assert all(
+        sum(d.microbatch_share for d in s.devices) == plan.microbatch_size for s in plan.stages
+    )
     assert plan.num_microbatches * plan.microbatch_size == batch
     used = {d.device_id for s in plan.stages for d in s.devices}
     assert used | {e.device_id for e in plan.excluded} == {d.id for d in topo.devices}
@@ -84,9 +85,13 @@ def test_paper_env1_keeps_allreduce_off_the_wan() -> None:
 
 
 SMALL = ClusterSpec.model_validate(
-    {"name": "small", "nodes": [
-        {"name": "pi-0", "devices": [{"computeTflops": 0.05, "memoryBytes": "1Gi"}]},
-        {"name": "pi-1", "devices": [{"computeTflops": 0.05, "memoryBytes": "1Gi"}]}]}
+    {
+        "name": "small",
+        "nodes": [
+            {"name": "pi-0", "devices": [{"computeTflops": 0.05, "memoryBytes": "1Gi"}]},
+            {"name": "pi-1", "devices": [{"computeTflops": 0.05, "memoryBytes": "1Gi"}]},
+        ],
+    }
 )
 
 
@@ -157,7 +162,10 @@ def test_within_two_percent_of_exhaustive_optimum() -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spantrain_planner.cli", *args],
-        capture_output=True, text=True, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
     )
 
 
