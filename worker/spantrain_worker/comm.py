@@ -1,0 +1,208 @@
+"""Everything that talks to ``torch.distributed``: rendezvous, process groups, P2P, collectives.
+
+Role: the one module of the worker that calls ``torch.distributed`` (the runtime, checkpoint
+and metrics modules stay testable without process groups). It provides
+
+* ``rendezvous()`` — a ``TCPStore`` served by rank 0; every rank announces itself and its plan
+  digest, and a rank that waits too long gets an error naming the ranks (and their devices)
+  that never arrived, *before* ``init_process_group`` would hang without saying who is missing;
+* ``Comm`` — the process groups one plan needs: one group per stage of width > 1 (gradient
+  all-reduce), and one two-rank group per *channel* (an ordered sender/receiver pair at a
+  stage boundary, one for activations and one for gradients). A channel carries its messages
+  in micro-batch order on both ends, so a receiver can post every receive of a step up front
+  and no send can wait behind a message of the other direction: this holds for gloo (where
+  tags alone would suffice) and for NCCL (which serialises all P2P traffic of a communicator
+  on one stream and ignores tags), so CPU and GPU share one code path.
+
+Backend: NCCL when the worker's device is CUDA, else gloo (``device_and_backend``).
+
+Must not import kopf, the Kubernetes client or ``spantrain_operator``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from spantrain_planner.plan import Plan, boundary_transfers
+
+Direction = Literal["act", "grad"]
+
+
+class RendezvousError(RuntimeError):
+    """Some ranks never arrived (or disagree on the plan); the message names them."""
+
+
+@dataclass(frozen=True)
+class RendezvousEnv:
+    """What the operator (or ``spantrain local``) puts in every worker's environment."""
+
+    master_addr: str
+    master_port: int
+    world_size: int
+    rank: int
+    timeout_seconds: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> RendezvousEnv:
+        env = dict(os.environ if env is None else env)
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if k not in env]
+        if missing:
+            raise RendezvousError(
+                f"environment lacks {', '.join(missing)}; the operator sets them in every pod "
+                "(spantrain local sets them for local processes)"
+            )
+        return cls(
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env["MASTER_PORT"]),
+            world_size=int(env["WORLD_SIZE"]),
+            rank=int(env["RANK"]),
+            timeout_seconds=float(env.get("SPANTRAIN_RENDEZVOUS_TIMEOUT", "300")),
+        )
+
+
+def device_and_backend(env: dict[str, str] | None = None) -> tuple[torch.device, str]:
+    """CUDA + NCCL if a GPU is visible (or ``SPANTRAIN_DEVICE=cuda``), else CPU + gloo."""
+    env = dict(os.environ if env is None else env)
+    wanted = env.get("SPANTRAIN_DEVICE", "auto")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        local = int(env.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def missing_ranks(store: dist.Store, world_size: int) -> list[int]:
+    """Ranks whose arrival key is not in the store."""
+    return [r for r in range(world_size) if not store.check([f"arrived/{r}"])]
+
+
+def rendezvous(
+    env: RendezvousEnv, plan: Plan, device_names: dict[int, str] | None = None
+) -> dist.Store:
+    """Meet every rank at the store; fail with the names of the ranks that never came."""
+    names = device_names or {}
+    timeout = timedelta(seconds=env.timeout_seconds)
+    try:
+        store = dist.TCPStore(
+            env.master_addr, env.master_port, None, env.rank == 0, timeout,
+            wait_for_workers=False,
+        )
+    except (RuntimeError, OSError) as err:
+        raise RendezvousError(
+            f"rank {env.rank}: cannot reach the rendezvous store at {env.master_addr}:"
+            f"{env.master_port} served by rank 0 ({names.get(0, 'device unknown')}) within "
+            f"{env.timeout_seconds:.0f}s: {err}. Rank 0 never came up, or MASTER_ADDR/"
+            "MASTER_PORT are wrong; raise SPANTRAIN_RENDEZVOUS_TIMEOUT for slow starts"
+        ) from None
+    digest = plan.digest()
+    store.set(f"plan/{env.rank}", digest)
+    store.set(f"arrived/{env.rank}", "1")
+    deadline = time.monotonic() + env.timeout_seconds
+    keys = [f"arrived/{r}" for r in range(env.world_size)]
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = missing_ranks(store, env.world_size)
+            who = ", ".join(f"rank {r} ({names.get(r, '?')})" for r in missing)
+            raise RendezvousError(
+                f"rank {env.rank}: after {env.timeout_seconds:.0f}s these ranks never "
+                f"arrived at {env.master_addr}:{env.master_port}: {who}. Check their pods "
+                "(scheduling, image pull, crash) or raise SPANTRAIN_RENDEZVOUS_TIMEOUT"
+            )
+        time.sleep(0.05)
+    other = store.get("plan/0").decode()
+    if other != digest:
+        raise RendezvousError(
+            f"rank {env.rank} runs plan {digest} but rank 0 runs plan {other}; every worker "
+            "must mount the same plan.json (the operator restarts pods after a re-plan)"
+        )
+    return store
+
+
+def init_process_group(
+    store: dist.Store, env: RendezvousEnv, backend: str, device: torch.device
+) -> None:
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore("spantrain/pg", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=max(env.timeout_seconds, 60.0)),
+        **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class Channel:
+    """An ordered pair at stage boundary ``boundary`` carrying ``direction`` traffic."""
+
+    boundary: int  # stage s -> s+1
+    src: int
+    dst: int
+    direction: Direction
+
+
+def plan_channels(plan: Plan) -> list[Channel]:
+    """Every channel of a plan in one deterministic order (every rank creates the same groups)."""
+    channels: list[Channel] = []
+    for s in range(plan.pp_degree - 1):
+        for t in boundary_transfers(plan, s):
+            channels.append(Channel(s, t.src, t.dst, "act"))
+            channels.append(Channel(s, t.dst, t.src, "grad"))
+    return channels
+
+
+class Comm:
+    """Process groups and the operations the runtime uses, for one rank of one plan."""
+
+    def __init__(self, plan: Plan, rank: int) -> None:
+        self.rank = rank
+        self.world_size = plan.world_size
+        self.stage_group: dist.ProcessGroup | None = None
+        for stage in plan.stages:
+            if stage.dp_degree > 1:
+                group = dist.new_group([d.rank for d in stage.devices])
+                if rank in (d.rank for d in stage.devices):
+                    self.stage_group = group
+        self._channels: dict[tuple[int, int], dist.ProcessGroup] = {}
+        for ch in plan_channels(plan):
+            group = dist.new_group([ch.src, ch.dst])
+            if rank in (ch.src, ch.dst):
+                self._channels[(ch.src, ch.dst)] = group
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> dist.Work:
+        group = self._channels[(self.rank, dst)]
+        work = dist.isend(tensor, dst=dst, group=group, tag=tag)
+        assert work is not None
+        return work
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int) -> dist.Work:
+        group = self._channels[(src, self.rank)]
+        work = dist.irecv(tensor, src=src, group=group, tag=tag)
+        assert work is not None
+        return work
+
+    def all_reduce_stage(self, tensor: torch.Tensor) -> None:
+        """Sum over the ranks of this rank's stage (no-op for a stage of width 1)."""
+        if self.stage_group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.stage_group)
+
+    def all_reduce_world(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    @staticmethod
+    def shutdown() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,146 @@
+"""Emulated slow devices and links for ``spantrain local`` (all processes on one machine).
+
+Role: let one machine show a heterogeneous cluster's behaviour. Each worker process knows its
+*slowdown* (fastest device's FLOP/s ÷ its own, from the cluster description) and the bandwidth
+and latency of each of its channels (from the resolved topology), and pads:
+
+* compute: after an action that took ``t`` seconds of real compute, sleep ``t * (slowdown-1)``
+  (so a device half as fast takes twice as long; sleeping frees the core for the others);
+* links: the sender stamps each message with its send time (a one-element float64 header on
+  the same ordered channel); the receiver, once the real transfer has landed, waits until
+  ``max(sent, channel free) + bytes / bandwidth + latency`` — the planner's alpha-beta model
+  with per-channel serialisation, overlapped with compute as on a real link;
+* all-reduce: a ring's ``2 (k-1)/k * bytes / slowest bandwidth + 2 (k-1) * latency``.
+
+Timestamps are wall-clock (``time.time()``), valid because every process shares one clock.
+This is an emulation for demonstrations: the real kernel-level throttling (network namespaces,
+token buckets, cgroup CPU quotas) is the separate testbed. ``Emulation.none()`` turns it off.
+
+Pure apart from ``time.sleep``; must not import torch.distributed, kopf, the Kubernetes client
+or ``spantrain_operator``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from spantrain_planner.cluster import Topology
+from spantrain_planner.plan import Plan
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Link(_Model):
+    src: int
+    dst: int
+    bandwidth_bytes_per_second: float = Field(gt=0)
+    latency_seconds: float = Field(0.0, ge=0)
+
+
+class Emulation(_Model):
+    """Per-rank slowdowns and per-rank-pair links of one plan."""
+
+    slowdown: dict[int, float] = Field(default_factory=dict, description="rank -> factor >= 1")
+    links: list[Link] = Field(default_factory=list)
+    stage_ranks: list[list[int]] = Field(default_factory=list)
+
+    @classmethod
+    def none(cls) -> Emulation:
+        return cls()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.slowdown) or bool(self.links)
+
+    def link(self, src: int, dst: int) -> Link | None:
+        for link in self.links:
+            if (link.src, link.dst) == (src, dst):
+                return link
+        return None
+
+    def allreduce_seconds(self, rank: int, num_bytes: int) -> float:
+        ranks = next((r for r in self.stage_ranks if rank in r), [rank])
+        k = len(ranks)
+        if k < 2:
+            return 0.0
+        ring = [self.link(a, b) for a, b in zip(ranks, ranks[1:] + ranks[:1], strict=True)]
+        known = [x for x in ring if x is not None]
+        if not known:
+            return 0.0
+        bw = min(x.bandwidth_bytes_per_second for x in known)
+        lat = max(x.latency_seconds for x in known)
+        return 2 * (k - 1) / k * num_bytes / bw + 2 * (k - 1) * lat
+
+
+def emulation_for(plan: Plan, topology: Topology, *, time_scale: float = 1.0) -> Emulation:
+    """Slowdowns relative to the fastest device in the plan; links from the topology.
+
+    ``time_scale`` multiplies link times (to make a slow WAN visible on a tiny model).
+    """
+    index = {dev.id: dev.index for dev in topology.devices}
+    ranks = {d.rank: index[d.device_id] for st in plan.stages for d in st.devices}
+    fastest = max(topology.devices[i].flops for i in ranks.values())
+    slowdown = {r: fastest / topology.devices[i].flops for r, i in ranks.items()}
+    links = []
+    for a, ia in ranks.items():
+        for b, ib in ranks.items():
+            if a != b:
+                links.append(Link(
+                    src=a, dst=b,
+                    bandwidth_bytes_per_second=topology.bandwidth[ia][ib] / time_scale,
+                    latency_seconds=topology.latency[ia][ib] * time_scale,
+                ))
+    return Emulation(
+        slowdown=slowdown, links=links,
+        stage_ranks=[[d.rank for d in st.devices] for st in plan.stages],
+    )
+
+
+def load_emulation(path: str | Path | None) -> Emulation:
+    if not path:
+        return Emulation.none()
+    return Emulation.model_validate_json(Path(path).read_text())
+
+
+class Emulator:
+    """The stateful side: channel clocks and the sleeps (one per worker process)."""
+
+    def __init__(self, emulation: Emulation, rank: int) -> None:
+        self.spec = emulation
+        self.rank = rank
+        self.slowdown = emulation.slowdown.get(rank, 1.0)
+        self.links_enabled = bool(emulation.links)
+        self._channel_free: dict[int, float] = {}
+
+    def pad_compute(self, elapsed: float) -> None:
+        if self.slowdown > 1.0:
+            time.sleep(elapsed * (self.slowdown - 1.0))
+
+    def arrival(self, src: int, sent_at: float, num_bytes: int) -> float:
+        """Wall-clock time a message from ``src`` would land (advances the channel clock)."""
+        link = self.spec.link(src, self.rank)
+        if link is None:
+            return sent_at
+        start = max(sent_at, self._channel_free.get(src, 0.0))
+        done = start + num_bytes / link.bandwidth_bytes_per_second
+        self._channel_free[src] = done
+        return done + link.latency_seconds
+
+    @staticmethod
+    def wait_until(when: float) -> None:
+        delay = when - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+    def pad_allreduce(self, num_bytes: int, elapsed: float) -> None:
+        extra = self.spec.allreduce_seconds(self.rank, num_bytes) - elapsed
+        if extra > 0:
+            time.sleep(extra)

@@ -1,0 +1,492 @@
+"""The hybrid pipeline runtime: one rank executes its stage's actions of a ``Plan``.
+
+Role: given a plan, a rank and a ``Comm``, build the stage's layers, and per training step run
+the stage's action list (``F<m>``, ``B<m>``, ``W<m>``, ``BW<m>``) on this rank's rows of every
+micro-batch, exchanging activations (forward) and activation gradients (backward) with the
+ranks of the neighbouring stages, then sum gradients inside the stage, clip by the global
+norm, and step AdamW under a warm-up + cosine learning-rate schedule.
+
+Re-sharding: stage ``s`` on ``k`` devices may feed stage ``s+1`` on ``k'`` devices with other
+shares. Rows of a micro-batch are contiguous per device in plan order, so each sender ships
+exactly the rows of each receiver that it holds (``boundary_transfers``) and the receiver
+concatenates its pieces in row order; gradients travel the same pairs in reverse.
+
+Gradient equivalence: the last stage's loss on its rows (a mean over those rows) is scaled by
+``rows / global_batch``; summing over micro-batches and over the ranks of a stage (explicit
+all-reduce, not DDP hooks: a stage's ranks run different row counts and a schedule-defined
+order of backward passes) gives exactly the gradient of the mean loss over the global batch,
+i.e. single-process training. The global gradient norm for clipping is the square root of the
+sum over stages (each counted once, by its replica 0) of the stage's squared norm; it travels
+in the same world all-reduce as the step's loss.
+
+Why not ``torch.distributed.pipelining``: its ``PipelineStage`` and schedules assume every
+stage processes whole, equally sized micro-batches on one rank (the micro-batch is split with
+``torch.tensor_split`` once, for all stages) and that stage ``s`` talks to exactly one rank of
+stage ``s+1``. SpanTrain's plans give a stage several devices with *uneven* row shares and
+neighbouring stages *different widths*, which needs per-peer row slices at every boundary and
+a per-stage data-parallel gradient sum among ranks that ran different row counts; its
+``_ComputationType`` actions are also bound to its own stage objects. So this module executes
+the planner's action lists directly on ``torch.distributed`` P2P (``comm``); the benchmark
+compares against ``torch.distributed.pipelining`` where it applies (one device per stage,
+even stages).
+
+Pure helpers (``stage_role``, ``learning_rate``, ``check_actions``) carry the decisions; the
+``StageTrainer`` class is the thin stateful part. Must not import torch.distributed directly
+(only through ``comm``), kopf, the Kubernetes client or ``spantrain_operator``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spantrain_planner.plan import Plan, boundary_transfers, parse_action, rank_info
+
+from . import checkpoint, splitgrad
+from .config import TrainingConfig
+from .emulation import Emulation, Emulator
+from .metrics import StepStats, Timeline
+from .models import build_model, layer_output_shapes
+
+HEADER_TAG_OFFSET = 1 << 20  # emulation timestamps use tags m + this (data uses m)
+
+
+class PlanError(ValueError):
+    """A plan the runtime cannot execute; the message names the stage and the action."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure decisions
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A neighbour rank and the rows ``[row_start, row_end)`` of each micro-batch exchanged."""
+
+    rank: int
+    row_start: int
+    row_end: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_end - self.row_start
+
+
+@dataclass(frozen=True)
+class StageRole:
+    """Where a rank sits and whom it talks to (rank arithmetic over the plan)."""
+
+    rank: int
+    stage_index: int
+    num_stages: int
+    replica: int
+    row_start: int
+    row_end: int
+    layer_start: int
+    layer_end: int
+    stage_ranks: tuple[int, ...]
+    upstream: tuple[Peer, ...]  # they send us activations, we send them input gradients
+    downstream: tuple[Peer, ...]  # we send them activations, they send us gradients
+    actions: tuple[str, ...]
+    microbatch_size: int
+    num_microbatches: int
+    global_batch: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_end - self.row_start
+
+    def sample_indices(self, microbatch: int) -> range:
+        """Global indices (within the step) of this rank's samples of a micro-batch."""
+        base = microbatch * self.microbatch_size
+        return range(base + self.row_start, base + self.row_end)
+
+
+def stage_role(plan: Plan, rank: int) -> StageRole:
+    info = rank_info(plan, rank)
+    s = info.stage_index
+    stage = plan.stages[s]
+    up = tuple(sorted(
+        (Peer(t.src, t.row_start, t.row_end)
+         for t in (boundary_transfers(plan, s - 1) if s > 0 else []) if t.dst == rank),
+        key=lambda p: p.row_start,
+    ))
+    down = tuple(sorted(
+        (Peer(t.dst, t.row_start, t.row_end)
+         for t in (boundary_transfers(plan, s) if s + 1 < plan.pp_degree else [])
+         if t.src == rank),
+        key=lambda p: p.row_start,
+    ))
+    return StageRole(
+        rank=rank, stage_index=s, num_stages=plan.pp_degree, replica=info.replica,
+        row_start=info.row_start, row_end=info.row_end,
+        layer_start=stage.layer_start, layer_end=stage.layer_end,
+        stage_ranks=info.stage_ranks, upstream=up, downstream=down,
+        actions=tuple(stage.actions), microbatch_size=plan.microbatch_size,
+        num_microbatches=plan.num_microbatches, global_batch=plan.global_batch,
+    )
+
+
+def check_actions(actions: tuple[str, ...], num_microbatches: int, stage_index: int) -> None:
+    """Every micro-batch: one F, then one BW or a B followed later by a W; F and B in order.
+
+    In-order F and B per stage is what lets every channel carry its messages in micro-batch
+    order (see ``comm``).
+    """
+    seen: dict[str, list[int]] = {"F": [], "B": [], "W": []}
+    for action in actions:
+        kind, m = parse_action(action)
+        if not 0 <= m < num_microbatches:
+            raise PlanError(f"stage {stage_index}: {action} names a micro-batch outside "
+                            f"0..{num_microbatches - 1}")
+        if kind in ("B", "BW") and m not in seen["F"]:
+            raise PlanError(f"stage {stage_index}: {action} runs before F{m}")
+        if kind == "W" and m not in seen["B"]:
+            raise PlanError(f"stage {stage_index}: {action} runs before B{m}")
+        if kind == "BW":
+            seen["B"].append(m)
+            seen["W"].append(m)
+        else:
+            seen[kind].append(m)
+    for kind in ("F", "B"):
+        if seen[kind] != list(range(num_microbatches)):
+            raise PlanError(f"stage {stage_index}: {kind} passes must cover micro-batches "
+                            f"0..{num_microbatches - 1} in order, got {seen[kind]}")
+    if sorted(seen["W"]) != list(range(num_microbatches)):
+        raise PlanError(f"stage {stage_index}: weight passes cover {sorted(seen['W'])}")
+
+
+def learning_rate(step: int, cfg: TrainingConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``min_learning_rate_ratio * peak``."""
+    peak = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = peak * cfg.min_learning_rate_ratio
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_coefficient(total_norm: float, max_norm: float | None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` applies (1.0 when clipping is off)."""
+    if not max_norm:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The stateful part
+
+
+@dataclass
+class _Pending:
+    peer: int
+    buffer: Tensor
+    work: Any
+    header: Tensor | None = None
+    header_work: Any = None
+
+
+@dataclass
+class _StepClock:
+    compute: float = 0.0
+    communication: float = 0.0
+    idle: float = 0.0
+    sent: dict[int, int] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+
+
+class StageTrainer:
+    """Executes one rank's share of the plan, step after step."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int,
+        cfg: TrainingConfig,
+        comm: Any,  # comm.Comm (kept untyped so this module never imports torch.distributed)
+        *,
+        device: torch.device | None = None,
+        emulation: Emulation | None = None,
+        checkpoint_dir: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.cfg = cfg
+        self.comm = comm
+        self.role = role = stage_role(plan, rank)
+        check_actions(role.actions, plan.num_microbatches, role.stage_index)
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype_of(cfg.precision)
+        self.emulator = Emulator(emulation or Emulation.none(), rank)
+        self.checkpoint_dir = checkpoint_dir or cfg.checkpoint.path
+        built = build_model(
+            plan.model, seed=cfg.seed, layer_indices=range(role.layer_start, role.layer_end),
+            dtype=self.dtype, device=self.device, corpus=cfg.data.corpus,
+            with_data=role.is_first or role.is_last,
+        )
+        self.layer_map = built.layers
+        self.layers = built.stage(role.layer_start, role.layer_end)
+        self.loss_fn = built.loss_fn
+        self.dataset = built.dataset
+        shapes = layer_output_shapes(plan.model, seed=cfg.seed)
+        self.in_shape = shapes[role.layer_start - 1] if not role.is_first else None
+        self.out_shape = shapes[role.layer_end - 1]
+        self.named_params = [
+            (f"{i}.{n}", p) for i in range(role.layer_start, role.layer_end)
+            for n, p in self.layer_map[i].named_parameters()
+        ]
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+        # zero-bubble split: only when the schedule has separate B and W passes
+        self.split_microbatches = {
+            m for kind, m in map(parse_action, role.actions) if kind == "B"
+        }
+        self.split = splitgrad.SplitState()
+        self.b_inputs: list[Tensor] = []
+        # bf16 runs under autocast; the split GEMMs would need autocast-aware casts, so a
+        # bf16 zero-bubble schedule runs each B as a full backward (correct, not deferred)
+        self.autocast = cfg.precision == "bf16"
+        if self.autocast:
+            self.split_microbatches = set()
+        if self.split_microbatches:
+            weights = {id(w) for w in splitgrad.install(self.layers, self.split)}
+            self.b_inputs = [p for p in self.params if id(p) not in weights]
+            if role.is_first and not self.b_inputs:
+                self.split_microbatches = set()  # nothing to compute in B: run B as BW
+        self.start_step = 0
+        self.timeline = Timeline(rank)
+        self.record_steps: set[int] = set()
+        self.grad_hook: Callable[[int, dict[str, Tensor]], None] | None = None
+        self.last_bytes: tuple[dict[int, int], dict[int, int]] = ({}, {})
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def restore(self) -> int | None:
+        """Resume from the newest checkpoint, if any; returns its step."""
+        step = checkpoint.latest_step(self.checkpoint_dir)
+        if step is None:
+            return None
+        assert self.checkpoint_dir is not None
+        checkpoint.load_layers(
+            self.checkpoint_dir, step, self.layer_map, self.optimizer,
+            model_name=self.plan.model.name, num_layers=self.plan.model.num_layers,
+        )
+        self.start_step = step
+        return step
+
+    def save(self, step: int) -> None:
+        """Collective: every rank must call it for the same step."""
+        if not self.checkpoint_dir:
+            return
+        if self.role.replica == 0:
+            checkpoint.save_layers(self.checkpoint_dir, step, self.layer_map, self.optimizer)
+        self.comm.barrier()
+        if self.role.rank == 0:
+            checkpoint.commit(self.checkpoint_dir, step, {
+                "model": self.plan.model.name, "numLayers": self.plan.model.num_layers,
+                "planDigest": self.plan.digest(),
+            })
+        self.comm.barrier()
+
+    # ---------------------------------------------------------------------------------------
+    # One step
+
+    def _post_receives(self, clock: _StepClock) -> tuple[dict[int, list[_Pending]],
+                                                         dict[int, list[_Pending]]]:
+        role = self.role
+        acts: dict[int, list[_Pending]] = {m: [] for m in range(role.num_microbatches)}
+        grads: dict[int, list[_Pending]] = {m: [] for m in range(role.num_microbatches)}
+        for peers, shape, table in ((role.upstream, self.in_shape, acts),
+                                    (role.downstream, self.out_shape, grads)):
+            for peer in peers:
+                assert shape is not None
+                for m in range(role.num_microbatches):
+                    table[m].append(self._irecv(peer, shape, m))
+        return acts, grads
+
+    def _irecv(self, peer: Peer, shape: tuple[int, ...], m: int) -> _Pending:
+        header = header_work = None
+        if self.emulator.links_enabled:
+            header = torch.zeros(1, dtype=torch.float64, device=self.device)
+            header_work = self.comm.irecv(header, peer.rank, m + HEADER_TAG_OFFSET)
+        buf = torch.empty((peer.num_rows, *shape), dtype=self.dtype, device=self.device)
+        work = self.comm.irecv(buf, peer.rank, m)
+        return _Pending(peer.rank, buf, work, header, header_work)
+
+    def _wait(self, pending: list[_Pending], clock: _StepClock) -> Tensor:
+        t0 = time.perf_counter()
+        for p in pending:
+            if p.header_work is not None:
+                p.header_work.wait()
+            p.work.wait()
+            nbytes = p.buffer.numel() * p.buffer.element_size()
+            clock.received[p.peer] = clock.received.get(p.peer, 0) + nbytes
+            if p.header is not None:
+                self.emulator.wait_until(
+                    self.emulator.arrival(p.peer, float(p.header.item()), nbytes))
+        clock.idle += time.perf_counter() - t0
+        pieces = [p.buffer for p in pending]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _send(self, tensor: Tensor, peer: int, m: int, sends: list[Any],
+              clock: _StepClock) -> None:
+        data = tensor.detach().contiguous()
+        if self.emulator.links_enabled:
+            header = torch.tensor([time.time()], dtype=torch.float64, device=self.device)
+            sends.append((self.comm.isend(header, peer, m + HEADER_TAG_OFFSET), header))
+        sends.append((self.comm.isend(data, peer, m), data))
+        clock.sent[peer] = clock.sent.get(peer, 0) + data.numel() * data.element_size()
+
+    def _run_layers(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def train_step(self, step: int) -> StepStats:
+        role = self.role
+        t_start = time.perf_counter()
+        record = step in self.record_steps
+        clock = _StepClock()
+        acts, grads = self._post_receives(clock)
+        sends: list[Any] = []
+        saved: dict[int, tuple[Tensor | None, Tensor]] = {}
+        loss_sum = 0.0
+        scale = role.num_rows / role.global_batch
+        for action in role.actions:
+            kind, m = parse_action(action)
+            w0 = time.time()
+            if kind == "F":
+                if role.is_first:
+                    assert self.dataset is not None
+                    x, _ = self.dataset.batch(step, role.sample_indices(m))
+                    x = x.to(self.device)
+                    if x.is_floating_point():
+                        x = x.to(self.dtype)
+                    x_in: Tensor | None = None
+                else:
+                    x = self._wait(acts[m], clock)
+                    x.requires_grad_(True)
+                    x_in = x
+                w0 = time.time()  # timeline bars start after the wait for inputs
+                t0 = time.perf_counter()
+                with self.split.record(m if m in self.split_microbatches else None), \
+                        torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    out = self._run_layers(x)
+                if out.dtype != self.dtype:
+                    out = out.to(self.dtype)  # boundaries and the loss use the master dtype
+                if role.is_last:
+                    assert self.dataset is not None
+                    _, labels = self.dataset.batch(step, role.sample_indices(m))
+                    loss = self.loss_fn(out, labels.to(self.device)) * scale
+                    loss_sum += float(loss.detach())
+                    out = loss
+                elapsed = time.perf_counter() - t0
+                for peer in role.downstream:
+                    lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
+                    self._send(out[lo:hi], peer.rank, m, sends, clock)
+                saved[m] = (x_in, out)
+            elif kind == "W":
+                t0 = time.perf_counter()
+                self.split.flush(m)
+                elapsed = time.perf_counter() - t0
+            else:  # B or BW
+                x_in, out = saved.pop(m)
+                grad_out = None if role.is_last else self._wait(grads[m], clock)
+                w0 = time.time()
+                t0 = time.perf_counter()
+                if kind == "B" and m in self.split_microbatches:
+                    wanted = ([x_in] if x_in is not None else []) + self.b_inputs
+                    with self.split.defer(m):
+                        torch.autograd.backward(out, grad_out, inputs=wanted)
+                else:
+                    torch.autograd.backward(out, grad_out)
+                elapsed = time.perf_counter() - t0
+                if x_in is not None:
+                    assert x_in.grad is not None
+                    for peer in role.upstream:
+                        lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
+                        self._send(x_in.grad[lo:hi], peer.rank, m, sends, clock)
+            clock.compute += elapsed
+            self.emulator.pad_compute(elapsed)
+            if record:
+                self.timeline.add(step, kind, m, w0, time.time())
+        # gradient sync, global norm and loss
+        t0 = time.perf_counter()
+        w0 = time.time()
+        for work, _ in sends:
+            work.wait()
+        grads_ = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if len(role.stage_ranks) > 1 and grads_:
+            flat = torch.cat([g.reshape(-1) for g in grads_])
+            self.comm.all_reduce_stage(flat)
+            self.emulator.pad_allreduce(flat.numel() * flat.element_size(),
+                                        time.perf_counter() - t0)
+            offset = 0
+            for p, g in zip(self.params, grads_, strict=True):
+                p.grad = flat[offset:offset + g.numel()].view_as(g)
+                offset += g.numel()
+        else:
+            for p, g in zip(self.params, grads_, strict=True):
+                p.grad = g
+        if self.grad_hook is not None and role.replica == 0:
+            self.grad_hook(step, {n: p.grad.detach().clone() for n, p in self.named_params
+                                  if p.grad is not None})
+        sq = 0.0
+        if role.replica == 0 and self.params:
+            norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+            sq = float(torch.stack(norms).double().pow(2).sum())
+        reduced = torch.tensor([sq, loss_sum], dtype=torch.float64, device=self.device)
+        self.comm.all_reduce_world(reduced)
+        total_norm = math.sqrt(float(reduced[0]))
+        loss_value = float(reduced[1])
+        clock.communication += time.perf_counter() - t0
+        if record:
+            self.timeline.add(step, "AR", -1, w0, time.time())
+        t0 = time.perf_counter()
+        w0 = time.time()
+        coef = clip_coefficient(total_norm, self.cfg.grad_clip_norm)
+        lr = learning_rate(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if coef < 1.0:
+            for p in self.params:
+                assert p.grad is not None
+                p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        clock.compute += elapsed
+        self.emulator.pad_compute(elapsed)
+        if record:
+            self.timeline.add(step, "OPT", -1, w0, time.time())
+        step_seconds = time.perf_counter() - t_start
+        self.last_bytes = (clock.sent, clock.received)
+        return StepStats(
+            step=step, loss=loss_value, step_seconds=step_seconds,
+            compute_seconds=clock.compute, communication_seconds=clock.communication,
+            idle_seconds=clock.idle,
+            samples_per_second=role.global_batch / step_seconds if step_seconds else 0.0,
+            grad_norm=total_norm, learning_rate=lr,
+        )

@@ -1,0 +1,118 @@
+"""The worker process: environment -> rendezvous -> stage -> training loop -> exit code.
+
+Role: the pod entrypoint (``spantrain worker`` and ``python -m spantrain_worker.worker``) and
+what ``spantrain local`` starts once per emulated device. Reads the environment contract
+(``config``), meets the other ranks (``comm.rendezvous``), builds its ``StageTrainer``, resumes
+from the newest checkpoint, trains, logs, exports metrics, checkpoints, and writes its
+artefacts (losses, timeline, optional gradient dumps for tests) to ``SPANTRAIN_OUTPUT_DIR``.
+
+Must not import kopf, the Kubernetes client or ``spantrain_operator``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .comm import Comm, RendezvousEnv, RendezvousError, device_and_backend, init_process_group
+from .comm import rendezvous as meet
+from .config import WorkerEnv, load_plan, load_training
+from .emulation import load_emulation
+from .metrics import WorkerMetrics, log_event, make_logger
+from .runtime import StageTrainer, stage_role
+
+
+def _timeline_steps(env: dict[str, str], first: int, steps: int) -> set[int]:
+    raw = env.get("SPANTRAIN_TIMELINE_STEPS")
+    if raw:
+        return {int(x) for x in raw.split(",") if x.strip()}
+    return {max(first, steps - 2)}
+
+
+def run(env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ if env is None else env)
+    if "SPANTRAIN_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["SPANTRAIN_NUM_THREADS"]))
+    wenv = WorkerEnv.from_env(env)
+    renv = RendezvousEnv.from_env(env)
+    plan = load_plan(wenv.plan_path)
+    cfg = load_training(wenv.training_path)
+    role = stage_role(plan, renv.rank)
+    log = make_logger(wenv.job, role.stage_index, renv.rank)
+    if plan.world_size != renv.world_size:
+        log_event(log, "error", reason="world size differs from the plan",
+                  plan=plan.world_size, env=renv.world_size)
+        return 2
+    device, backend = device_and_backend(env)
+    names = {d.rank: f"{d.device_id} on {d.node}" for st in plan.stages for d in st.devices}
+    try:
+        store = meet(renv, plan, names)
+    except RendezvousError as err:
+        log_event(log, "rendezvous-failed", error=str(err))
+        print(f"spantrain worker: {err}", file=sys.stderr)
+        return 3
+    init_process_group(store, renv, backend, device)
+    comm = Comm(plan, renv.rank)
+    trainer = StageTrainer(
+        plan, renv.rank, cfg, comm, device=device,
+        emulation=load_emulation(wenv.emulation_path),
+        checkpoint_dir=wenv.checkpoint_dir or cfg.checkpoint.path,
+    )
+    out = Path(wenv.output_dir) if wenv.output_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    dump_step = env.get("SPANTRAIN_DUMP_GRADS_STEP")
+    if dump_step is not None and out is not None:
+        def dump(step: int, grads: dict[str, torch.Tensor]) -> None:
+            if step == int(dump_step):
+                torch.save(grads, out / f"grads-step{step}-stage{role.stage_index}.pt")
+        trainer.grad_hook = dump
+    resumed = trainer.restore()
+    port = wenv.metrics_port
+    metrics = WorkerMetrics(wenv.job, role.stage_index, renv.rank, port=port)
+    trainer.record_steps = _timeline_steps(env, trainer.start_step, cfg.steps)
+    log_event(log, "start", world=plan.world_size, backend=backend, device=str(device),
+              layers=f"{role.layer_start}-{role.layer_end - 1}",
+              rows=f"{role.row_start}-{role.row_end - 1}", schedule=plan.schedule,
+              resumed_from=resumed if resumed is not None else "none")
+    interval = cfg.checkpoint.interval_steps
+    for step in range(trainer.start_step, cfg.steps):
+        stats = trainer.train_step(step)
+        metrics.observe(stats)
+        metrics.add_bytes(*trainer.last_bytes)
+        if out is not None and renv.rank == 0:
+            with (out / "losses.jsonl").open("a") as fh:
+                fh.write(json.dumps({
+                    "step": step, "loss": stats.loss, "stepSeconds": stats.step_seconds,
+                    "samplesPerSecond": stats.samples_per_second, "gradNorm": stats.grad_norm,
+                    "learningRate": stats.learning_rate,
+                }) + "\n")
+        if step % cfg.log_interval_steps == 0 or step == cfg.steps - 1:
+            log_event(log, "step", step=step, loss=stats.loss, step_seconds=stats.step_seconds,
+                      samples_per_second=stats.samples_per_second,
+                      compute_seconds=stats.compute_seconds,
+                      communication_seconds=stats.communication_seconds,
+                      idle_seconds=stats.idle_seconds)
+        done = step + 1
+        if interval and done % interval == 0 and done < cfg.steps:
+            trainer.save(done)
+    if trainer.start_step < cfg.steps:
+        trainer.save(cfg.steps)
+    if out is not None:
+        trainer.timeline.write(out / f"timeline-rank{renv.rank}.json")
+    log_event(log, "done", steps=cfg.steps)
+    comm.barrier()
+    comm.shutdown()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
