@@ -69,11 +69,11 @@ def stage_costs(
     result: list[StageCost] = []
     for s, lay in enumerate(layouts):
         rs = sums.range(lay.layer_start, lay.layer_end)
-        flops = [topology.devices[d].flops for d in lay.devices]
+        devices = [topology.devices[d] for d in lay.devices]
         durations = {
             kind: max(
-                action_seconds(kind, rs, share, f, cost)
-                for share, f in zip(lay.shares, flops, strict=True)
+                action_seconds(kind, rs, share, dev, cost)
+                for share, dev in zip(lay.shares, devices, strict=True)
             )
             for kind in ("F", "B", "W")
         }

@@ -121,6 +121,7 @@ def _homogenized(topology: Topology) -> Topology:
     """What a homogeneous planner believes: mean speed, mean memory, median link."""
     mean_flops = statistics.fmean(d.flops for d in topology.devices)
     mean_mem = int(statistics.fmean(d.memory_bytes for d in topology.devices))
+    mean_overhead = statistics.fmean(d.layer_overhead for d in topology.devices)
     links = [
         topology.bandwidth[i][j]
         for i in range(topology.num_devices)
@@ -147,6 +148,7 @@ def _homogenized(topology: Topology) -> Topology:
             mean_flops,
             mean_mem,
             d.platform,
+            mean_overhead,
         )
         for d in topology.devices
     )

@@ -34,13 +34,12 @@ from .errors import InfeasibleError, InputError, gib
 from .grouping import NetworkGroup, group_devices
 from .options import PlannerOptions
 from .plan import ExcludedDevice, Plan, Schedule
-
-#: Schedules from the most activation memory to the least, tried in this order as a probe.
-SCHEDULES_BY_MEMORY: tuple[Schedule, ...] = ("zb", "1f1b", "gpipe")
 from .profiles import LayerProfile, ModelProfile
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
 from .validate import validate_plan
 
+#: Schedules from the most activation memory to the least, tried in this order as a probe.
+SCHEDULES_BY_MEMORY: tuple[Schedule, ...] = ("zb", "1f1b", "gpipe")
 EXHAUSTIVE_GROUPS = 4  # every ordered subset of up to this many network groups
 TOP_CANDIDATES = 6  # structures simulated
 FINALISTS = 3  # structures simulated under every schedule
@@ -134,9 +133,13 @@ def partition_layers(
     params = sums._p
     stash = sums._s
     out_bytes = [layer.output_bytes for layer in sums.profile.layers]
-    overhead3 = 3 * cost.overhead_per_layer
-    # per stage: slowest per-sample time factor, boundary bytes->seconds factor, latency
+    # per stage: slowest per-sample time factor, per-layer overhead (F + B + W), boundary
+    # bytes->seconds factor, latency
     slow_factor = []
+    overhead3 = [
+        3 * cost.overhead_scale * max(topology.devices[d].layer_overhead for d in st.devices)
+        for st in stages
+    ]
     mem_rows = []
     for j, st in enumerate(stages):
         slow_factor.append(
@@ -182,6 +185,7 @@ def partition_layers(
     m = num_microbatches
     for j in range(p):
         sf = slow_factor[j]
+        oh = overhead3[j]
         lf = link_factor[j] / 1_000_000
         ll = link_latency[j]
         arx, ary = ar_factor[j]
@@ -206,7 +210,7 @@ def partition_layers(
                 sb = stash[end] - stash[start]
                 if any(pb * copies + r * sb > capacity for capacity, r in rows):
                     break  # more layers only need more memory
-                compute = sf * (work[end] - work[start]) + overhead3 * (end - start)
+                compute = sf * (work[end] - work[start]) + oh * (end - start)
                 ar = (arx * pb + ary) / m if arx else 0.0
                 c = max(compute, comm) + ar
                 if c > best_here:
@@ -274,7 +278,6 @@ def joint_partition(
     stash = sums._s
     out_bytes = [layer.output_bytes for layer in sums.profile.layers]
     copies = cost.state_copies
-    overhead3 = 3 * cost.overhead_per_layer
     inf = math.inf
     f = [[inf] * (num_layers + 1) for _ in range(num_units + 1)]
     back: list[list[tuple[int, int]]] = [
@@ -300,6 +303,9 @@ def joint_partition(
             stage = StageDevices(tuple(d for d, _ in kept), tuple(sh for _, sh in kept), 0)
             stages[(k0, k)] = stage
             slow = max(sh / topology.devices[d].flops for d, sh in kept)
+            overhead3 = (
+                3 * cost.overhead_scale * max(topology.devices[d].layer_overhead for d, _ in kept)
+            )
             infl = min(m, num_units - k0)  # 1F1B bound with the most stages still to come
             rows = _pareto_rows((topology.devices[d].memory_bytes, infl * sh) for d, sh in kept)
             nxt = units[k][0] if k < num_units else None
@@ -479,6 +485,7 @@ def microbatch_candidates(
     if not valid:
         return []
     targets = [1, num_stages, 2 * num_stages, 4 * num_stages, 8 * num_stages]
+
     def nearest(target: int) -> int:
         return min(valid, key=lambda d: (abs(math.log(d / target)), d))
 

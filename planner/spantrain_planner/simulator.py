@@ -20,12 +20,10 @@ import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .cluster import Topology
+from .cluster import Device, Topology
 from .plan import Plan, StagePlan, boundary_transfers, parse_action
 from .profiles import ModelProfile
 
-#: Fixed cost per layer per action (kernel launches, Python dispatch). Calibrated on CPU.
-OVERHEAD_SECONDS_PER_LAYER = 20e-6
 #: AdamW: FLOP-equivalents per parameter, and how far below peak elementwise work runs.
 OPTIMIZER_FLOPS_PER_PARAM = 16.0
 OPTIMIZER_EFFICIENCY = 0.05
@@ -37,7 +35,7 @@ STATE_COPIES = 4
 class CostModel:
     """Knobs of the cost model (kept together so tests and calibration can swap them)."""
 
-    overhead_per_layer: float = OVERHEAD_SECONDS_PER_LAYER
+    overhead_scale: float = 1.0  # multiplies every device's per-layer overhead (0: none)
     optimizer_flops_per_param: float = OPTIMIZER_FLOPS_PER_PARAM
     optimizer_efficiency: float = OPTIMIZER_EFFICIENCY
     state_copies: int = STATE_COPIES
@@ -95,10 +93,19 @@ class ProfileSums:
 
 
 def action_seconds(
-    kind: str, sums: LayerSums, share: int, flops: float, cost: CostModel = DEFAULT_COST
+    kind: str,
+    sums: LayerSums,
+    share: int,
+    device: Device,
+    cost: CostModel = DEFAULT_COST,
 ) -> float:
-    """Duration of one action for ``share`` samples on a device of ``flops`` FLOP/s."""
-    overhead = cost.overhead_per_layer * sums.num_layers
+    """Duration of one action for ``share`` samples on ``device``.
+
+    Work over the device's effective FLOP/s, plus its fixed per-layer overhead (once per
+    layer and pass: a fused BW pays it once, which is why splitting B and W is not free).
+    """
+    flops = device.flops
+    overhead = cost.overhead_scale * device.layer_overhead * sums.num_layers
     if kind == "F":
         work = sums.forward
     elif kind == "B":
@@ -281,7 +288,7 @@ def simulate(
             continue  # stale entry
         dev = rank_device[rank]
         share = rank_share[rank]
-        dur = action_seconds(kind, stage_sums[s], share, topology.devices[dev].flops, cost)
+        dur = action_seconds(kind, stage_sums[s], share, topology.devices[dev], cost)
         end = start + dur
         free[rank] = end
         busy[rank] += dur

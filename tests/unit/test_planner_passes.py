@@ -23,7 +23,7 @@ from spantrain_planner.simulator import CostModel
 from spantrain_planner.validate import PlanValidationError, validate_plan
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
-NO_OVERHEAD = CostModel(overhead_per_layer=0.0)
+NO_OVERHEAD = CostModel(overhead_scale=0.0)
 
 
 def uniform_cluster(num_devices: int, mbps: float = 1e9, latency_ms: float = 0.0) -> ClusterSpec:
