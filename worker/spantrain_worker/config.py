@@ -71,12 +71,17 @@ class TrainingConfig(_Model):
 
 
 def load_training(path: str | Path | None) -> TrainingConfig:
-    """A training block from a file holding either the block or a whole SpanTrainJob."""
+    """A training block from a file holding the block, a job's spec, or a whole SpanTrainJob.
+
+    The operator mounts the spec (``job.json``); ``spantrain local`` passes the manifest.
+    """
     if path is None:
         return TrainingConfig()
     doc: dict[str, Any] = load_document(path)
     if "spec" in doc:
-        doc = doc["spec"].get("training", {}) or {}
+        doc = doc["spec"] or {}
+    if isinstance(doc.get("training"), dict):
+        doc = doc["training"]
     return TrainingConfig.model_validate(doc)
 
 

@@ -1,0 +1,416 @@
+"""Render the Kubernetes objects of a SpanTrainJob from its spec and plan.
+
+Role: pure functions from (job identity, spec, plan, node facts) to plain manifests: the plan
+ConfigMap (``plan.json`` + ``job.json``, immutable, named by plan hash), the headless Service,
+one worker Pod per device (required node affinity to its node, ``nvidia.com/gpu: 1`` on GPU
+devices, tolerations for its node's taints, owner reference, labels, the rendezvous
+environment of torch and Kubeflow plus ``SPANTRAIN_*``, the plan mounted read-only, the image of
+the node's architecture, ``spantrain worker``) and the optional gang-scheduling PodGroup. Pod
+names are deterministic (``<job>-a<attempt>-r<rank>``), which is what makes creation
+idempotent: a second create of the same pod is a conflict, never a duplicate.
+
+Called by ``handlers``; pure. Must not import torch, spantrain_worker, kopf or the Kubernetes
+client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from spantrain_planner import api
+from spantrain_planner.plan import Plan, StagePlan
+
+from .inventory import UNUSABLE_TAINTS, NodeFacts
+
+DEFAULT_IMAGE = "spantrain:0.1.0"
+MANAGED_BY = "spantrain-operator"
+CONTAINER = "worker"
+PLAN_MOUNT = "/etc/spantrain/plan"
+METRICS_PORT = 9400
+
+L_JOB = "spantrain.io/job-name"
+L_STAGE = "spantrain.io/stage-index"
+L_REPLICA = "spantrain.io/replica-index"
+L_RANK = "spantrain.io/rank"
+L_ATTEMPT = "spantrain.io/attempt"
+L_PLAN = "spantrain.io/plan-hash"
+L_ROLE = "spantrain.io/role"
+A_DEVICE = "spantrain.io/device-id"
+A_NODE = "spantrain.io/node"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of the job the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def job_labels(job: JobRef) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "spantrain",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        L_JOB: job.name,
+    }
+
+
+def _meta(job: JobRef, name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": {**job_labels(job), **(labels or {})},
+        "ownerReferences": [job.owner_reference()],
+    }
+
+
+def plan_config_map_name(job_name: str, plan_hash: str) -> str:
+    return f"{job_name}-plan-{plan_hash[:10]}"
+
+
+def service_name(job_name: str) -> str:
+    return job_name
+
+
+def pod_name(job_name: str, attempt: int, rank: int) -> str:
+    return f"{job_name}-a{attempt}-r{rank}"
+
+
+def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan) -> dict[str, Any]:
+    """The plan ConfigMap: ``plan.json`` (what workers run) and ``job.json`` (the spec)."""
+    digest = plan.digest()
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, plan_config_map_name(job.name, digest), {L_PLAN: digest}),
+        "immutable": True,
+        "data": {
+            "plan.json": plan.to_json(),
+            "job.json": json.dumps(
+                spec.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2
+            ),
+        },
+    }
+
+
+def service(job: JobRef, spec: api.SpanTrainJobSpec) -> dict[str, Any]:
+    """Headless Service giving every worker a DNS name (published before pods are Ready)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(job.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {L_JOB: job.name},
+            "ports": [
+                {"name": "rendezvous", "port": spec.rendezvous.port, "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def address_mode(spec: api.SpanTrainJobSpec, plan: Plan, nodes: Mapping[str, NodeFacts]) -> str:
+    """The effective rendezvous address mode (``auto`` resolved)."""
+    mode = spec.rendezvous.address_mode
+    if mode != "auto":
+        return mode
+    used = {d.node for s in plan.stages for d in s.devices}
+    edge = any(nodes[n].platform == "kubeedge" for n in used if n in nodes)
+    return "hostNetwork" if edge else "dns"
+
+
+def master_address(
+    job: JobRef,
+    spec: api.SpanTrainJobSpec,
+    plan: Plan,
+    nodes: Mapping[str, NodeFacts],
+    attempt: int,
+    rank0_pod_ip: str | None,
+) -> str | None:
+    """Where every rank finds rank 0; None while it is not known yet (ip mode, no pod IP)."""
+    mode = address_mode(spec, plan, nodes)
+    if mode == "dns":
+        return f"{pod_name(job.name, attempt, 0)}.{service_name(job.name)}.{job.namespace}.svc"
+    if mode == "ip":
+        return rank0_pod_ip
+    node0 = plan.stages[0].devices[0].node
+    facts = nodes.get(node0)
+    return facts.internal_ip if facts is not None and facts.internal_ip else rank0_pod_ip
+
+
+def _image(spec: api.SpanTrainJobSpec, arch: str, default_image: str) -> str:
+    return spec.images.get(arch) or spec.image or default_image
+
+
+def _tolerations(
+    spec: api.SpanTrainJobSpec, facts: NodeFacts | None
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations
+    ]
+    if facts is not None and spec.placement.tolerate_node_taints:
+        for taint in facts.taints:
+            if taint.get("key") in UNUSABLE_TAINTS:
+                continue
+            tol: dict[str, Any] = {"key": taint.get("key"), "effect": taint.get("effect")}
+            if taint.get("value"):
+                tol.update(operator="Equal", value=taint.get("value"))
+            else:
+                tol["operator"] = "Exists"
+            if tol not in out:
+                out.append(tol)
+    grace = spec.failure_policy.node_lost_grace_period_seconds
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        out.append(
+            {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace}
+        )
+    return out
+
+
+def _env(pairs: Mapping[str, str | int]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": str(v)} for k, v in pairs.items()]
+
+
+def _resources(spec: api.SpanTrainJobSpec, gpu: bool) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in spec.resources.requests.items()}
+    limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    if gpu:
+        limits["nvidia.com/gpu"] = "1"
+        requests["nvidia.com/gpu"] = "1"
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def stage_neighbours(plan: Plan, stage: StagePlan) -> tuple[list[int], list[int]]:
+    """Ranks of the previous and of the next stage."""
+    s = stage.stage_index
+    prev = [d.rank for d in plan.stages[s - 1].devices] if s > 0 else []
+    nxt = [d.rank for d in plan.stages[s + 1].devices] if s + 1 < len(plan.stages) else []
+    return prev, nxt
+
+
+def worker_pods(
+    job: JobRef,
+    spec: api.SpanTrainJobSpec,
+    plan: Plan,
+    nodes: Mapping[str, NodeFacts],
+    *,
+    attempt: int,
+    rank0_pod_ip: str | None = None,
+    default_image: str = DEFAULT_IMAGE,
+) -> list[dict[str, Any]]:
+    """One Pod per device of the plan, in rank order.
+
+    In ``ip`` address mode, before rank 0 has a pod IP only rank 0's pod is returned; the
+    others follow once ``rank0_pod_ip`` is known.
+    """
+    digest = plan.digest()
+    mode = address_mode(spec, plan, nodes)
+    master = master_address(job, spec, plan, nodes, attempt, rank0_pod_ip)
+    world = plan.world_size
+    cm_name = plan_config_map_name(job.name, digest)
+    checkpoint = spec.training.checkpoint
+    pods: list[dict[str, Any]] = []
+    for stage in plan.stages:
+        prev, nxt = stage_neighbours(plan, stage)
+        for replica, device in enumerate(stage.devices):
+            if master is None and device.rank != 0:
+                continue
+            facts = nodes.get(device.node)
+            gpu = device.accelerator != "cpu"
+            name = pod_name(job.name, attempt, device.rank)
+            env: dict[str, str | int] = {
+                "MASTER_ADDR": master or "",
+                "MASTER_PORT": spec.rendezvous.port,
+                "WORLD_SIZE": world,
+                "RANK": device.rank,
+                "LOCAL_RANK": 0,
+                "LOCAL_WORLD_SIZE": 1,
+                "PET_MASTER_ADDR": master or "",
+                "PET_MASTER_PORT": spec.rendezvous.port,
+                "PET_NNODES": world,
+                "PET_NODE_RANK": device.rank,
+                "PET_NPROC_PER_NODE": 1,
+                "PYTHONUNBUFFERED": 1,
+                "SPANTRAIN_JOB_NAME": job.name,
+                "SPANTRAIN_NAMESPACE": job.namespace,
+                "SPANTRAIN_ATTEMPT": attempt,
+                "SPANTRAIN_STAGE_INDEX": stage.stage_index,
+                "SPANTRAIN_NUM_STAGES": len(plan.stages),
+                "SPANTRAIN_REPLICA_INDEX": replica,
+                "SPANTRAIN_STAGE_RANKS": ",".join(str(d.rank) for d in stage.devices),
+                "SPANTRAIN_PREV_RANKS": ",".join(map(str, prev)),
+                "SPANTRAIN_NEXT_RANKS": ",".join(map(str, nxt)),
+                "SPANTRAIN_PREV_RANK": prev[0] if prev else -1,
+                "SPANTRAIN_NEXT_RANK": nxt[0] if nxt else -1,
+                "SPANTRAIN_DEVICE_ID": device.device_id,
+                "SPANTRAIN_DEVICE": "cuda" if gpu else "cpu",
+                # the worker's contract (spantrain_worker.config.WorkerEnv): plan, training
+                # block (job.json holds the spec; the worker reads its training block), job
+                "SPANTRAIN_PLAN": f"{PLAN_MOUNT}/plan.json",
+                "SPANTRAIN_TRAINING": f"{PLAN_MOUNT}/job.json",
+                "SPANTRAIN_JOB": job.name,
+                "SPANTRAIN_PLAN_PATH": f"{PLAN_MOUNT}/plan.json",
+                "SPANTRAIN_JOB_PATH": f"{PLAN_MOUNT}/job.json",
+                "SPANTRAIN_PLAN_HASH": digest,
+                "SPANTRAIN_ADDRESS_MODE": mode,
+                "SPANTRAIN_METRICS_PORT": METRICS_PORT,
+            }
+            if checkpoint.path:
+                env["SPANTRAIN_CHECKPOINT_DIR"] = checkpoint.path
+                env["SPANTRAIN_CHECKPOINT_INTERVAL"] = checkpoint.interval_steps
+            env_list = _env(env) + [
+                {"name": e.name, "value": e.value} for e in spec.env
+            ]
+            env_list.append(
+                {
+                    "name": "SPANTRAIN_POD_IP",
+                    "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                }
+            )
+            mounts: list[dict[str, Any]] = [
+                {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}
+            ]
+            volumes: list[dict[str, Any]] = [
+                {"name": "plan", "configMap": {"name": cm_name}}
+            ]
+            if checkpoint.path and checkpoint.claim_name:
+                mounts.append({"name": "checkpoint", "mountPath": checkpoint.path})
+                volumes.append(
+                    {
+                        "name": "checkpoint",
+                        "persistentVolumeClaim": {"claimName": checkpoint.claim_name},
+                    }
+                )
+            container: dict[str, Any] = {
+                "name": CONTAINER,
+                "image": _image(spec, device.arch, default_image),
+                "command": ["spantrain", "worker"],
+                "env": env_list,
+                "ports": [
+                    {"name": "rendezvous", "containerPort": spec.rendezvous.port},
+                    {"name": "metrics", "containerPort": METRICS_PORT},
+                ],
+                "volumeMounts": mounts,
+            }
+            if spec.image_pull_policy:
+                container["imagePullPolicy"] = spec.image_pull_policy
+            resources = _resources(spec, gpu)
+            if resources:
+                container["resources"] = resources
+            pod_spec: dict[str, Any] = {
+                "restartPolicy": "Never",
+                "containers": [container],
+                "volumes": volumes,
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchFields": [
+                                        {
+                                            "key": "metadata.name",
+                                            "operator": "In",
+                                            "values": [device.node],
+                                        }
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                },
+                "tolerations": _tolerations(spec, facts),
+                "enableServiceLinks": False,
+                "terminationGracePeriodSeconds": 30,
+            }
+            if mode == "hostNetwork":
+                pod_spec["hostNetwork"] = True
+                pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+            else:
+                pod_spec["hostname"] = name
+                pod_spec["subdomain"] = service_name(job.name)
+            if gpu and facts is not None and facts.platform == "k3s":
+                pod_spec["runtimeClassName"] = "nvidia"
+            sched = spec.scheduling
+            annotations = {A_DEVICE: device.device_id, A_NODE: device.node}
+            labels = {
+                L_STAGE: str(stage.stage_index),
+                L_REPLICA: str(replica),
+                L_RANK: str(device.rank),
+                L_ATTEMPT: str(attempt),
+                L_PLAN: digest,
+                L_ROLE: "worker",
+            }
+            if sched.gang == "volcano":
+                pod_spec["schedulerName"] = "volcano"
+                annotations["scheduling.k8s.io/group-name"] = pod_group_name(job.name, attempt)
+                if sched.queue:
+                    annotations["scheduling.volcano.sh/queue-name"] = sched.queue
+            elif sched.gang == "coscheduling":
+                labels["scheduling.x-k8s.io/pod-group"] = pod_group_name(job.name, attempt)
+            if sched.scheduler_name:
+                pod_spec["schedulerName"] = sched.scheduler_name
+            if sched.priority_class_name:
+                pod_spec["priorityClassName"] = sched.priority_class_name
+            if spec.service_account_name:
+                pod_spec["serviceAccountName"] = spec.service_account_name
+            meta = _meta(job, name, labels)
+            meta["annotations"] = annotations
+            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec})
+    return pods
+
+
+def pod_group_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-a{attempt}"
+
+
+def pod_group(
+    job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan, attempt: int
+) -> dict[str, Any] | None:
+    """The gang-scheduling PodGroup (all workers or none), or None without gang scheduling."""
+    sched = spec.scheduling
+    name = pod_group_name(job.name, attempt)
+    if sched.gang == "volcano":
+        body: dict[str, Any] = {"minMember": plan.world_size}
+        if sched.queue:
+            body["queue"] = sched.queue
+        if sched.priority_class_name:
+            body["priorityClassName"] = sched.priority_class_name
+        return {
+            "apiVersion": "scheduling.volcano.sh/v1beta1",
+            "kind": "PodGroup",
+            "metadata": _meta(job, name),
+            "spec": body,
+        }
+    if sched.gang == "coscheduling":
+        return {
+            "apiVersion": "scheduling.x-k8s.io/v1alpha1",
+            "kind": "PodGroup",
+            "metadata": _meta(job, name),
+            "spec": {
+                "minMember": plan.world_size,
+                "scheduleTimeoutSeconds": sched.schedule_timeout_seconds,
+            },
+        }
+    return None
