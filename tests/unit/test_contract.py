@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from spantrain_operator import render  # noqa: E402
-from spantrain_planner import api  # noqa: E402
-from spantrain_worker.config import WorkerEnv, load_plan, load_training  # noqa: E402
-from tests.unit.test_render import JOB, facts, make_plan  # noqa: E402
+from spantrain_operator import render
+from spantrain_planner import api
+from spantrain_worker.config import WorkerEnv, load_plan, load_training
+from tests.unit.test_render import JOB, facts, make_plan
 
 
 def test_rendered_pod_is_what_the_worker_reads(tmp_path: Path) -> None:
