@@ -12,7 +12,8 @@ if [ ! -f "$VENV/.complete" ]; then
   echo "spantrain: creating the Python environment in $VENV (first run: torch is large)" >&2
   rm -rf "$VENV"
   "$PYTHON_BIN" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade pip
+  # setuptools and wheel in the environment itself let the re-pointing below build offline
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade pip "setuptools>=77" wheel
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[all,dev]"
   touch "$VENV/.complete"
 fi
