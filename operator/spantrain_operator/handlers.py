@@ -1,0 +1,359 @@
+"""kopf handlers of the SpanTrain operator: thin glue over ``reconcile``, ``render``, ``k8s``.
+
+Role: keep two in-memory indexes (the jobs' pods by job, the nodes by name) and run one
+level-based reconcile per job — from a timer (every ``SPANTRAIN_RECONCILE_INTERVAL`` seconds,
+which also covers resume after an operator restart) and right away on create, resume and
+spec update. Each reconcile reads the job fresh, decides with the pure ``reconcile.decide``,
+plans when told to (inventory -> planner, queued one job at a time by ``planqueue``: a job
+whose plan is not ready yet returns and is looked at again next tick), then applies: plan
+ConfigMap, status, deletions (each with the grace period ``reconcile`` chose), creations
+(deterministic names: no duplicates), events. A pass that re-plans or restarts goes on to
+the next attempt's pods at once rather than a timer tick later. Runs are serialised per job.
+While a job is Running, its rank 0's metrics are read (``scrape``, rate-limited and silent
+when nothing answers) into ``status.progress``.
+
+kopf stores its own bookkeeping in annotations under ``spantrain.io`` (the status schema is
+structural and declares only SpanTrain's fields). Run with ``spantrain operator`` or
+``kopf run -m spantrain_operator.handlers``. Must not import torch or spantrain_worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from spantrain_planner import api
+from spantrain_planner.cluster import resolve
+from spantrain_planner.errors import InputError, PlanningError
+from spantrain_planner.plan import Plan
+
+from . import inventory, k8s, metrics, planqueue, reconcile, render, scrape, status
+
+INTERVAL = float(os.environ.get("SPANTRAIN_RECONCILE_INTERVAL", "2"))
+DEFAULT_IMAGE = os.environ.get("SPANTRAIN_WORKER_IMAGE", render.DEFAULT_IMAGE)
+#: Seconds between progress reads of one job, and the timeout of one read.
+PROGRESS_INTERVAL = float(os.environ.get("SPANTRAIN_PROGRESS_INTERVAL", "15"))
+PROGRESS_TIMEOUT = float(os.environ.get("SPANTRAIN_PROGRESS_TIMEOUT", "1"))
+
+PodIndex = kopf.Index[tuple[str, str], dict[str, Any]]
+NodeIndex = kopf.Index[str, dict[str, Any]]
+
+_kube: k8s.Kube | None = None
+_kube_lock = threading.Lock()
+_job_locks: dict[str, threading.Lock] = {}
+_plans: dict[str, Plan] = {}  # plan hash -> plan (plans are immutable, named by hash)
+_scraper = scrape.Scraper(interval=PROGRESS_INTERVAL, timeout=PROGRESS_TIMEOUT)
+_planner: planqueue.PlanQueue[Plan] = planqueue.PlanQueue()
+
+
+def kube() -> k8s.Kube:
+    global _kube
+    with _kube_lock:
+        if _kube is None:
+            _kube = k8s.Kube()
+        return _kube
+
+
+def _lock(uid: str) -> threading.Lock:
+    with _kube_lock:
+        return _job_locks.setdefault(uid, threading.Lock())
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    prefix = "spantrain.io"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{prefix}/kopf-finalizer"
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = int(os.environ.get("SPANTRAIN_WORKERS", "16"))
+    settings.watching.server_timeout = 300
+    settings.peering.name = os.environ.get("SPANTRAIN_PEERING", "spantrain")
+    settings.peering.priority = int(os.environ.get("SPANTRAIN_PEERING_PRIORITY", "0"))
+    settings.peering.mandatory = os.environ.get("SPANTRAIN_PEERING_MANDATORY", "") == "true"
+    port = int(os.environ.get("SPANTRAIN_METRICS_PORT", "0"))
+    if port:
+        try:
+            metrics.serve(port)
+        except OSError as err:  # a second in-process run (tests) finds the port taken
+            logging.getLogger(__name__).warning("metrics port %s: %s", port, err)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else the kubeconfig KUBECONFIG names (read at call time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(**_: Any) -> int:
+    return len(metrics._phases)
+
+
+# ---------------------------------------------------------------------------------------------
+# indexes
+
+
+@kopf.index("pods", labels={render.L_JOB: kopf.PRESENT})
+def pods_by_job(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace or "", labels[render.L_JOB]): _plain(body)}
+
+
+@kopf.index("nodes")
+def nodes_by_name(name: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    return {name or "": _plain(body)}
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "metadata": dict(body.get("metadata") or {}),
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# reconcile
+
+
+# The indexes arrive as keyword arguments named after their handlers; kopf's callback
+# protocol cannot name them, so they are taken from ``kwargs``.
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=INTERVAL, sharp=False)
+def reconcile_timer(
+    name: str | None, namespace: str | None, uid: str | None, logger: kopf.Logger, **kwargs: Any
+) -> None:
+    _dispatch(namespace, name, uid, logger, kwargs)
+
+
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+def reconcile_now(
+    name: str | None, namespace: str | None, uid: str | None, logger: kopf.Logger, **kwargs: Any
+) -> None:
+    _dispatch(namespace, name, uid, logger, kwargs)
+
+
+def _dispatch(
+    namespace: str | None, name: str | None, uid: str | None, logger: kopf.Logger,
+    kwargs: Mapping[str, Any],
+) -> None:
+    assert namespace and name and uid, "SpanTrainJob is namespaced and has a name and uid"
+    run(namespace, name, uid, kwargs["pods_by_job"], kwargs["nodes_by_name"], logger)
+
+
+def run(
+    namespace: str, name: str, uid: str, pods_index: PodIndex, nodes_index: NodeIndex,
+    logger: kopf.Logger,
+) -> None:
+    lock = _lock(uid)
+    if not lock.acquire(blocking=False):
+        return  # another handler is reconciling this job right now; the timer comes back
+    started = time.monotonic()
+    try:
+        _run(namespace, name, uid, pods_index, nodes_index, logger)
+    except Exception as err:
+        metrics.RECONCILE_ERRORS.labels(reason=type(err).__name__).inc()
+        raise kopf.TemporaryError(f"reconcile failed: {err}", delay=INTERVAL) from err
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        lock.release()
+
+
+def _load_plan(namespace: str, status: Mapping[str, Any]) -> Plan | None:
+    summary = status.get("plan") or {}
+    digest, cm = summary.get("hash"), summary.get("configMap")
+    if not digest or not cm:
+        return None
+    if digest in _plans:
+        return _plans[digest]
+    data = kube().read_config_map_data(namespace, cm)
+    if not data or "plan.json" not in data:
+        return None
+    plan = Plan.model_validate_json(data["plan.json"])
+    _plans[digest] = plan
+    return plan
+
+
+def make_plan(
+    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
+) -> Plan:
+    """Inventory -> planner (raises PlanningError subclasses with the planner's message)."""
+    from spantrain_planner.search import make_plan as search
+
+    inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude)
+    if inv.cluster is None:
+        why = "; ".join(f"{n}: {r}" for n, r in sorted(inv.skipped.items())[:10])
+        raise PlanningError(
+            f"no eligible node among {len(inv.skipped)} (placement matches none that is Ready "
+            f"and schedulable){': ' + why if why else ''}; relax spec.placement"
+        )
+    inputs = api.planner_inputs(spec)
+    return search(resolve(inv.cluster), inputs.profile, inputs.options)
+
+
+def _forget(namespace: str, name: str, uid: str) -> None:
+    metrics.forget_job(namespace, name, uid)
+    _scraper.forget(uid)
+    _planner.forget(uid)
+
+
+def _timed_plan(
+    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
+) -> Plan:
+    t0 = time.monotonic()
+    try:
+        return make_plan(spec, nodes, name=name, exclude=exclude)
+    finally:
+        metrics.PLAN_SECONDS.observe(time.monotonic() - t0)
+
+
+def _run(
+    namespace: str, name: str, uid: str, pods_index: PodIndex, nodes_index: NodeIndex,
+    logger: kopf.Logger,
+) -> None:
+    kc = kube()
+    body = kc.get_job(namespace, name)
+    if body is None or body["metadata"].get("uid") != uid:
+        _forget(namespace, name, uid)
+        return
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        _forget(namespace, name, uid)
+        return
+    now = datetime.now(timezone.utc)
+    job = render.JobRef(name=name, namespace=namespace, uid=uid)
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    pods = list(pods_index.get((namespace, name), []))
+    pods = [p for p in pods if _owned_by(p, uid)]
+    nodes = {n: next(iter(b)) for n, b in nodes_index.items()}
+    generation = int(meta.get("generation", 1))
+    try:
+        spec = api.parse_spec(body.get("spec") or {})
+    except ValidationError as err:
+        state = reconcile.JobState(job, generation, _fallback_spec(), old_status, None, pods,
+                                   nodes, now, DEFAULT_IMAGE)
+        _apply(body, old_status, reconcile.plan_failed(state, "InvalidSpec", str(err)), logger)
+        return
+    plan = _load_plan(namespace, old_status)
+    target = status.metrics_target(pods, old_status)
+    report = _scraper.poll(uid, target, render.METRICS_PORT) if target else None
+    state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes, now,
+                               DEFAULT_IMAGE, report)
+    decision = reconcile.decide(state)
+    reason = decision.replan
+    if reason:
+        exclude = decision.exclude_nodes
+        request = (status.plan_spec_hash(spec), tuple(exclude))
+        compute = functools.partial(_timed_plan, spec, list(nodes.values()),
+                                    name=f"{namespace}/{name}", exclude=exclude)
+        try:
+            new_plan = _planner.result(uid, request, compute, wait_seconds=INTERVAL)
+        except InputError as err:
+            decision = reconcile.plan_failed(state, "InvalidSpec", str(err))
+        except PlanningError as err:
+            decision = reconcile.plan_failed(state, "PlanInfeasible", str(err))
+        else:
+            if new_plan is None:
+                metrics.PLANS_QUEUED.set(_planner.queued())
+                return  # queued behind other jobs' plans; the timer comes back
+            metrics.PLANS_QUEUED.set(_planner.queued())
+            metrics.REPLANS.labels(reason=reason).inc()
+            plan = new_plan
+            digest = new_plan.digest()
+            _plans[digest] = new_plan
+            cm = render.config_map(job, spec, new_plan)
+            kc.create_if_absent(cm)
+            # events of decide (NodeLost...) come first
+            early = decision.events
+            decision = reconcile.after_plan(
+                state, new_plan, reason, config_map=cm["metadata"]["name"]
+            )
+            decision.events = early + decision.events
+            pred = new_plan.predicted
+            if pred is not None:
+                metrics.PREDICTED_SAMPLES.labels(namespace, name).set(pred.samples_per_second)
+            # write the plan, then go on to pods in the same pass
+            _apply(body, old_status, decision, logger)
+            old_status = decision.status
+            pods = _marked_deleting(pods, decision.delete_pods, now)
+            state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes,
+                                       now, DEFAULT_IMAGE)
+            decision = reconcile.decide(state)
+    _apply(body, old_status, decision, logger)
+    if decision.restarted:
+        metrics.RESTARTS.labels(namespace=namespace).inc()
+        # the failed attempt's pods are going: create the next attempt's in the same pass
+        old_status = decision.status
+        pods = _marked_deleting(pods, decision.delete_pods, now)
+        state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes, now,
+                                   DEFAULT_IMAGE)
+        decision = reconcile.decide(state)
+        _apply(body, old_status, decision, logger)
+    metrics.set_phase(uid, decision.status.get("phase"))
+
+
+def _marked_deleting(
+    pods: list[dict[str, Any]], deleted: Mapping[str, int | None], now: datetime
+) -> list[dict[str, Any]]:
+    """``pods`` as they are once ``deleted`` were deleted (the index lags behind)."""
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("name") in deleted and not meta.get("deletionTimestamp"):
+            pod = {**pod, "metadata": {**meta, "deletionTimestamp": status.iso(now)}}
+        out.append(pod)
+    return out
+
+
+def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid for r in refs)
+
+
+def _fallback_spec() -> api.SpanTrainJobSpec:
+    return api.SpanTrainJobSpec(model=api.ModelSpec(preset="gpt-tiny"))
+
+
+def _apply(
+    body: Mapping[str, Any], old_status: Mapping[str, Any], d: reconcile.Decision,
+    logger: kopf.Logger,
+) -> None:
+    kc = kube()
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    kc.patch_job_status(ns, name, old_status, d.status)
+    for pod, grace in sorted(d.delete_pods.items()):
+        kc.delete_pod(ns, pod, grace_seconds=grace)
+    for cm in d.delete_config_maps:
+        kc.delete_config_map(ns, cm)
+    created = []
+    for obj in d.create:
+        if kc.create_if_absent(obj) and obj["kind"] == "Pod":
+            created.append(obj["metadata"]["name"])
+        elif obj["kind"] == "PodGroup":
+            pass
+    if created:
+        d.events.append(("Normal", "StagePodCreated",
+                         f"created {len(created)} worker pod(s): {', '.join(created[:8])}"
+                         + (" ..." if len(created) > 8 else "")))
+    for kind, reason, message in d.events:
+        logger.info("%s: %s", reason, message)
+        kc.event(body, kind, reason, message)
+    if d.delete_job:
+        kc.delete_job(ns, name)
