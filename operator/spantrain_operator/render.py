@@ -15,6 +15,7 @@ client.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,20 +92,31 @@ def pod_name(job_name: str, attempt: int, rank: int) -> str:
     return f"{job_name}-a{attempt}-r{rank}"
 
 
+def _job_json(spec: api.SpanTrainJobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2)
+
+
+def config_digest(spec: api.SpanTrainJobSpec, plan: Plan) -> str:
+    """Hash of everything the ConfigMap holds: the plan *and* the spec.
+
+    The ConfigMap is immutable and named by this hash, so a spec change that leaves the plan
+    as it was (a new learning rate, say) still reaches the next attempt's workers.
+    """
+    text = plan.digest() + _job_json(spec)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan) -> dict[str, Any]:
     """The plan ConfigMap: ``plan.json`` (what workers run) and ``job.json`` (the spec)."""
-    digest = plan.digest()
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(job, plan_config_map_name(job.name, digest), {L_PLAN: digest}),
+        "metadata": _meta(
+            job, plan_config_map_name(job.name, config_digest(spec, plan)),
+            {L_PLAN: plan.digest()},
+        ),
         "immutable": True,
-        "data": {
-            "plan.json": plan.to_json(),
-            "job.json": json.dumps(
-                spec.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2
-            ),
-        },
+        "data": {"plan.json": plan.to_json(), "job.json": _job_json(spec)},
     }
 
 
@@ -229,7 +241,7 @@ def worker_pods(
     mode = address_mode(spec, plan, nodes)
     master = master_address(job, spec, plan, nodes, attempt, rank0_pod_ip)
     world = plan.world_size
-    cm_name = plan_config_map_name(job.name, digest)
+    cm_name = plan_config_map_name(job.name, config_digest(spec, plan))
     checkpoint = spec.training.checkpoint
     pods: list[dict[str, Any]] = []
     for stage in plan.stages:

@@ -58,3 +58,17 @@ def test_rendered_pod_is_what_the_worker_reads(tmp_path: Path) -> None:
         assert worker_env.job == JOB.name
         assert int(env["WORLD_SIZE"]) == plan.world_size
         assert container["command"][-1] == "worker" or "worker" in container.get("args", [])
+
+
+def test_a_spec_change_reaches_the_workers_even_with_the_same_plan() -> None:
+    base = {"model": {"preset": "gpt-mini"}, "training": {"globalBatch": 16, "steps": 10}}
+    spec_a = api.SpanTrainJobSpec.model_validate(base)
+    spec_b = api.SpanTrainJobSpec.model_validate(
+        {**base, "training": {**base["training"], "learningRate": 0.01}}
+    )
+    plan = make_plan()
+    cm_a, cm_b = render.config_map(JOB, spec_a, plan), render.config_map(JOB, spec_b, plan)
+    assert cm_a["metadata"]["name"] != cm_b["metadata"]["name"]  # immutable: a new ConfigMap
+    pod_b = render.worker_pods(JOB, spec_b, plan, facts(), attempt=1)[0]
+    volumes = {v["name"]: v for v in pod_b["spec"]["volumes"]}
+    assert volumes["plan"]["configMap"]["name"] == cm_b["metadata"]["name"]

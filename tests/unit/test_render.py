@@ -130,7 +130,8 @@ def test_ip_mode_waits_for_rank0_ip() -> None:
 def test_config_map_service_and_pod_group() -> None:
     plan, s = make_plan(), spec(scheduling={"gang": "volcano", "queue": "q"})
     cm = render.config_map(JOB, s, plan)
-    assert cm["metadata"]["name"] == f"gpt-plan-{plan.digest()[:10]}" and cm["immutable"]
+    name = f"gpt-plan-{render.config_digest(s, plan)[:10]}"
+    assert cm["metadata"]["name"] == name and cm["immutable"]
     assert Plan.model_validate_json(cm["data"]["plan.json"]) == plan
     assert api.parse_spec(json.loads(cm["data"]["job.json"])) == s
     svc = render.service(JOB, s)
