@@ -5,7 +5,8 @@ micro-batch (``data``), runs the stage's action list with point-to-point re-shar
 stages of different widths (``runtime``, ``comm``), sums gradients inside the stage, steps
 AdamW, writes plan-independent checkpoints (``checkpoint``) and exports metrics (``metrics``).
 ``spantrain worker`` is the pod entrypoint; ``spantrain local`` runs a whole job on one machine
-(``commands``, ``launch``).
+(``commands``, ``launch``); ``spantrain profile`` measures the layer profile of a user model
+given as an entry point ``module:function`` (``profiling``).
 
 Depends on the planner (``spantrain_planner``), torch and prometheus-client. Must not import
 kopf, the Kubernetes client or ``spantrain_operator``.

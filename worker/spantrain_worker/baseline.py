@@ -52,7 +52,7 @@ class PlainTrainer:
         if x.is_floating_point():
             x = x.to(self.dtype)
         loss = self.loss_fn(self.model(x), labels)
-        loss.backward()
+        torch.autograd.backward(loss)  # typed, unlike Tensor.backward
         if self.grad_hook is not None:
             self.grad_hook(step, {n: p.grad.detach().clone()
                                   for n, p in self.model.named_parameters()

@@ -16,7 +16,10 @@ is never loaded. Because everything is keyed by global layer index, a rank of a 
 loads exactly the layer files of its new stage. The data position is the step (samples are a
 pure function of seed, step and index; see ``data``).
 
-Called by ``runtime``. Must not import torch.distributed, kopf, the Kubernetes client or
+Called by ``runtime``; ``spantrain local`` reads the layout (``latest_step``) before it starts
+any worker, so torch is imported only inside the functions that need it (the launcher and
+``spantrain plan``, which loads every command, stay torch-free). Must not import
+torch.distributed, kopf, the Kubernetes client or
 ``spantrain_operator``.
 """
 
@@ -26,10 +29,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 LATEST = "latest"
 
@@ -43,6 +47,8 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -77,6 +83,8 @@ def save_layers(
 
 def commit(root: str | Path, step: int, meta: dict[str, Any]) -> None:
     """Mark step ``step`` complete (rank 0, after every stage has written its layers)."""
+    import torch
+
     directory = step_dir(root, step)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_save(torch.get_rng_state(), directory / "rng.pt")
@@ -114,6 +122,8 @@ def load_layers(
     num_layers: int,
 ) -> Restored:
     """Load parameters and optimizer state of ``layers`` (any subset) from step ``step``."""
+    import torch
+
     directory = step_dir(root, step)
     meta = json.loads((directory / "meta.json").read_text())
     if meta.get("model") != model_name or meta.get("numLayers") != num_layers:
@@ -143,6 +153,8 @@ def load_layers(
 
 def load_full_params(root: str | Path, step: int | None = None) -> dict[str, torch.Tensor]:
     """Every parameter of a checkpoint as ``"<layer>.<name>"`` (tests and export)."""
+    import torch
+
     step = latest_step(root) if step is None else step
     assert step is not None, f"no checkpoint under {root}"
     out: dict[str, torch.Tensor] = {}

@@ -30,6 +30,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+# torch.distributed re-exports these from torch._C without ``as`` (no explicit re-export in
+# its stubs); the public path is the supported one, so only the stub check is silenced.
+from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
+
 from spantrain_planner.plan import Plan, boundary_transfers
 
 Direction = Literal["act", "grad"]
@@ -78,19 +82,19 @@ def device_and_backend(env: dict[str, str] | None = None) -> tuple[torch.device,
     return torch.device("cpu"), "gloo"
 
 
-def missing_ranks(store: dist.Store, world_size: int) -> list[int]:
+def missing_ranks(store: Store, world_size: int) -> list[int]:
     """Ranks whose arrival key is not in the store."""
     return [r for r in range(world_size) if not store.check([f"arrived/{r}"])]
 
 
 def rendezvous(
     env: RendezvousEnv, plan: Plan, device_names: dict[int, str] | None = None
-) -> dist.Store:
+) -> Store:
     """Meet every rank at the store; fail with the names of the ranks that never came."""
     names = device_names or {}
     timeout = timedelta(seconds=env.timeout_seconds)
     try:
-        store = dist.TCPStore(
+        store = TCPStore(
             env.master_addr, env.master_port, None, env.rank == 0, timeout,
             wait_for_workers=False,
         )
@@ -126,16 +130,16 @@ def rendezvous(
 
 
 def init_process_group(
-    store: dist.Store, env: RendezvousEnv, backend: str, device: torch.device
+    store: Store, env: RendezvousEnv, backend: str, device: torch.device
 ) -> None:
-    kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
         backend,
-        store=dist.PrefixStore("spantrain/pg", store),
+        store=PrefixStore("spantrain/pg", store),
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(seconds=max(env.timeout_seconds, 60.0)),
-        **kwargs,
+        # NCCL binds the communicator to the device eagerly; gloo takes no device
+        device_id=device if backend == "nccl" else None,
     )
 
 

@@ -10,7 +10,13 @@ dispatcher finds them without importing the worker.
   starts one worker process per device on 127.0.0.1 with emulated device speeds and links
   (``emulation``), shows a progress line (step, loss, samples/s), prints the final throughput
   and writes the measured timeline as a PNG drawn by the planner's chart function. Ctrl-C
-  stops every worker (one process group, see ``launch``) and exits 130.
+  stops every worker (one process group, see ``launch``) and exits 130. Checkpoints go to the
+  manifest's ``spec.training.checkpoint.path`` (default ``<out>/checkpoints``); a directory
+  that already holds one is resumed with ``--resume``, discarded with ``--fresh``, and
+  otherwise the command refuses to start rather than overwrite it.
+* ``spantrain profile MODULE:FUNCTION|PRESET`` measures a model's layer profile (see
+  ``profiling``) and writes the YAML the planner reads (``spantrain plan --model``, or
+  ``model.profile`` of a SpanTrainJob with ``model.entrypoint``).
 
 Must not import kopf, the Kubernetes client or ``spantrain_operator``.
 """
@@ -19,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from spantrain_planner.api import load_job, planner_inputs
 from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
@@ -31,9 +40,12 @@ from spantrain_planner.plan import Plan
 from spantrain_planner.report import plan_table
 from spantrain_planner.search import make_plan
 
-from . import launch
+from . import checkpoint, launch
 from .emulation import emulation_for
 from .metrics import read_timelines
+
+if TYPE_CHECKING:
+    from .profiling import Measurement
 
 #: Used when ``--devices`` is not given (same content as examples/clusters/local-cpu.yaml).
 DEFAULT_DEVICES: dict[str, Any] = {
@@ -95,8 +107,14 @@ def add_local_parser(subparsers: Any) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: ./spantrain-local/<job name>)")
     parser.add_argument("--steps", type=int, help="override training.steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoints in DIR/checkpoints")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue from the newest checkpoint in the checkpoint "
+                          "directory (spec.training.checkpoint.path, default DIR/checkpoints)")
+    existing.add_argument("--fresh", action="store_true",
+                          help="delete the checkpoints in the checkpoint directory and start "
+                          "from step 0 (without --resume or --fresh, an existing checkpoint "
+                          "stops the command)")
     parser.add_argument("--no-emulation", action="store_true",
                         help="run every process at full speed with no link delays")
     parser.set_defaults(func=run_local)
@@ -135,21 +153,64 @@ def draw_measured_timeline(plan: Plan, out: Path) -> Path | None:
                          f"measured step {step} of {plan.model.name} ({plan.schedule})")
 
 
+def checkpoint_entries(ckpt: Path) -> list[Path]:
+    """What ``checkpoint`` writes under a checkpoint root (committed or interrupted)."""
+    if not ckpt.is_dir():
+        return []
+    return sorted(p for p in ckpt.iterdir()
+                  if p.name == checkpoint.LATEST or (p.is_dir() and p.name.startswith("step-")))
+
+
+def prepare_checkpoints(ckpt: Path, *, resume: bool, fresh: bool) -> str:
+    """Decide what happens to an existing checkpoint directory; returns a line to print.
+
+    Never deletes anything the user did not ask to delete: without ``resume`` or ``fresh``
+    a directory holding checkpoint files raises ``checkpoint.CheckpointError``; ``fresh``
+    removes only what ``checkpoint`` writes (``latest`` and ``step-*``), not other files.
+    """
+    entries = checkpoint_entries(ckpt)
+    step = checkpoint.latest_step(ckpt)
+    if resume:
+        if step is None:
+            return f"checkpoints: {ckpt} holds no checkpoint; starting from step 0"
+        return f"checkpoints: resuming from step {step} in {ckpt}"
+    if entries and not fresh:
+        what = (f"a checkpoint at step {step}" if step is not None
+                else f"incomplete checkpoint files ({', '.join(p.name for p in entries[:3])})")
+        raise checkpoint.CheckpointError(
+            f"{ckpt} already holds {what}; pass --resume to continue from it, or --fresh to "
+            "delete it and start from step 0 (or set spec.training.checkpoint.path to "
+            "another directory)")
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if entries:
+        return f"checkpoints: deleted the old checkpoint in {ckpt} (--fresh); writing there"
+    return f"checkpoints: {ckpt}"
+
+
 def run_local(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     inputs = planner_inputs(job.spec)
+    out = Path(args.out or Path("spantrain-local") / job.name).resolve()
+    configured = job.spec.training.checkpoint.path
+    ckpt = Path(configured).resolve() if configured else out / "checkpoints"
     cluster = load_cluster(args.devices) if args.devices else ClusterSpec.model_validate(
         DEFAULT_DEVICES)
     topology = resolve(cluster)
     plan = make_plan(topology, inputs.profile, inputs.options)
+    try:  # after planning, so a job that cannot be planned deletes nothing
+        ckpt_line = prepare_checkpoints(ckpt, resume=args.resume, fresh=args.fresh)
+    except checkpoint.CheckpointError as err:
+        print(f"spantrain local: {err}", file=sys.stderr)
+        return 2
     print(plan_table(plan))
-    out = Path(args.out or Path("spantrain-local") / job.name).resolve()
+    print(ckpt_line)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoints"
     for stale in [*out.glob("timeline*"), *out.glob("rank*.log"), out / "losses.jsonl"]:
         stale.unlink(missing_ok=True)
-    if not args.resume and ckpt.exists():
-        shutil.rmtree(ckpt)
     training = job.spec.training.model_dump(mode="json", by_alias=True)
     if args.steps:
         training["steps"] = args.steps
@@ -211,3 +272,119 @@ def run_local(args: argparse.Namespace) -> int:
     if chart:
         print(f"measured timeline: {chart}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# spantrain profile
+
+
+def add_profile_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure a model's layer profile (for user models given as module:function)",
+        description="Build MODEL -- a user entry point module:function returning (layers, "
+        "loss_fn, dataset), or a built-in preset -- run forward and backward on one real batch "
+        "of its dataset on one CPU thread, and measure per layer: forward, input-gradient (B) "
+        "and weight-gradient (W) time, parameters, boundary activation bytes per sample and "
+        "the activation bytes autograd stashes per sample. Times become FLOP-equivalents by "
+        "multiplying with this machine's measured fp32 matmul speed (printed and written in "
+        "the file). The YAML goes to --output or stdout; it is what `spantrain plan --model` "
+        "reads, and what a SpanTrainJob with model.entrypoint takes under model.profile. The "
+        "module is imported from PYTHONPATH or the current directory.",
+    )
+    parser.add_argument("model", metavar="MODULE:FUNCTION|PRESET",
+                        help="user entry point (e.g. examples.models.tiny_cnn:build) or preset")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="samples in the measured batch (default 16)")
+    parser.add_argument("--output", "-o", metavar="PROFILE.yaml",
+                        help="write the profile here (default: print it)")
+    parser.add_argument("--config", metavar="JSON", default="{}",
+                        help="keyword arguments of the entry point, as a JSON object "
+                        "(recorded in the profile, passed again by every worker)")
+    parser.add_argument("--name", help="profile name (default: the module's or preset's name)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed when building")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per pass and layer; the fastest counts (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as each `spantrain local` worker)")
+    parser.set_defaults(func=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from spantrain_planner.plan import API_VERSION
+    from spantrain_planner.profiles import preset_names
+
+    from .models import ModelError
+    from .profiling import MATMUL_SIZE, measure_matmul_speed, profile_entrypoint, profile_preset
+
+    if args.batch < 1 or args.repeats < 1 or args.threads < 1:
+        print("spantrain profile: --batch, --repeats and --threads must be >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as err:
+        print(f"spantrain profile: --config is not JSON: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(config, dict):
+        print("spantrain profile: --config must be a JSON object", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    speed = measure_matmul_speed()
+    try:
+        if ":" in args.model:
+            measured = profile_entrypoint(
+                args.model, config, batch=args.batch, name=args.name, seed=args.seed,
+                repeats=args.repeats, flops_per_second=speed)
+        elif args.model in preset_names():
+            if config:
+                print("spantrain profile: --config applies to entry points only",
+                      file=sys.stderr)
+                return 2
+            measured = profile_preset(args.model, batch=args.batch, seed=args.seed,
+                                      repeats=args.repeats, flops_per_second=speed)
+        else:
+            print(f"spantrain profile: {args.model!r} is neither module:function nor a "
+                  f"preset ({', '.join(preset_names())})", file=sys.stderr)
+            return 2
+    except ModelError as err:
+        print(f"spantrain profile: {err}", file=sys.stderr)
+        return 2
+    profile = measured.profile
+    how = (f"{speed / 1e9:.1f} GFLOP/s ({MATMUL_SIZE}x{MATMUL_SIZE} fp32 matmul, "
+           f"{measured.threads} thread{'s' if measured.threads > 1 else ''}, "
+           f"{platform.machine()}, torch {torch.__version__})")
+    header = (
+        f"# Measured by `spantrain profile {args.model} --batch {args.batch}` "
+        "on this machine.\n"
+        f"# FLOPs are FLOP-equivalents: measured seconds per sample x {how};\n"
+        "# bytes are exact (parameters, boundary output per sample, autograd stash per sample).\n"
+    )
+    body = {"apiVersion": API_VERSION, "kind": "ModelProfile",
+            **profile.model_dump(mode="json", by_alias=True)}
+    text = header + yaml.safe_dump(body, sort_keys=False)
+    report = sys.stdout if args.output else sys.stderr
+    print(_profile_table(measured), file=report)
+    print(f"calibration: {how}", file=report)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} ({profile.num_layers} layers, {profile.param_count:,} "
+              "parameters)", file=report)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _profile_table(measured: Measurement) -> str:
+    rows = [f"{'layer':<24} {'params':>10} {'F ms':>8} {'B ms':>8} {'W ms':>8} "
+            f"{'out B/sample':>13} {'stash B/sample':>15}"]
+    batch = measured.batch
+    for lp, t in zip(measured.profile.layers, measured.timings, strict=True):
+        rows.append(f"{lp.name[:24]:<24} {lp.param_count:>10,} {t.forward * batch * 1e3:>8.3f} "
+                    f"{t.backward_input * batch * 1e3:>8.3f} "
+                    f"{t.backward_weight * batch * 1e3:>8.3f} "
+                    f"{lp.output_bytes:>13,} {lp.stash_bytes:>15,}")
+    rows.append(f"(times per batch of {batch}; the profile stores them per sample as FLOPs)")
+    return "\n".join(rows)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,8 @@ class Embedding(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.tokens(idx) + self.positions(pos)
+        out: Tensor = self.tokens(idx) + self.positions(pos)
+        return out
 
 
 class Block(nn.Module):
@@ -83,7 +86,8 @@ class Block(nn.Module):
         q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
-        return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+        out: Tensor = x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+        return out
 
 
 class LMHead(nn.Module):
@@ -93,7 +97,8 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(d_model, vocab_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.ln(x))
+        out: Tensor = self.proj(self.ln(x))
+        return out
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -132,7 +137,8 @@ class Stem(nn.Module):
         self.pool: nn.Module = nn.Identity() if small else nn.MaxPool2d(3, 2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pool(F.relu(self.bn(self.conv(x))))
+        out: Tensor = self.pool(F.relu(self.bn(self.conv(x))))
+        return out
 
 
 class ResidualBlock(nn.Module):
@@ -165,7 +171,8 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x.mean(dim=(2, 3)))
+        out: Tensor = self.fc(x.mean(dim=(2, 3)))
+        return out
 
 
 def _resnet_blocks(cfg: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -232,7 +239,7 @@ def num_builtin_layers(family: str, cfg: dict[str, Any]) -> int:
     if family == "gpt":
         return int(cfg["num_layers"]) + 2
     if family == "resnet":
-        return sum(cfg["stage_blocks"]) + 2
+        return sum(int(n) for n in cfg["stage_blocks"]) + 2
     if family == "mlp":
         return int(cfg["num_layers"]) + 1
     raise ModelError(f"unknown model family {family!r}; use gpt, resnet, mlp or an entrypoint")
@@ -292,6 +299,69 @@ def build_model(
     return BuiltModel(layers, n, loss, data)
 
 
+def load_entrypoint(entrypoint: str) -> Callable[..., Any]:
+    """The function an entry point ``module:function`` names.
+
+    Like ``python -m``, the current directory is searched too when the module is not found
+    on ``sys.path`` (the ``spantrain`` console script does not put it there), so a model
+    next to the job works without setting PYTHONPATH.
+    """
+    if entrypoint.count(":") != 1 or not all(entrypoint.split(":")):
+        raise ModelError(f"entrypoint must be 'module:function', got {entrypoint!r}")
+    module_name, func_name = entrypoint.split(":")
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            here = os.getcwd()
+            top = module_name.split(".")[0]
+            if err.name not in (top, module_name) or here in sys.path or "" in sys.path:
+                raise
+            sys.path.append(here)
+            module = importlib.import_module(module_name)
+        func = getattr(module, func_name)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"cannot load entrypoint {entrypoint!r}: {err}; the module must be "
+                         "importable (on PYTHONPATH or under the current directory)") from None
+    if not callable(func):
+        raise ModelError(f"entrypoint {entrypoint!r} is not a function")
+    return cast(Callable[..., Any], func)
+
+
+def call_entrypoint(
+    entrypoint: str, config: dict[str, Any], *, seed: int
+) -> tuple[list[nn.Module], LossFn, Dataset]:
+    """Call a user entry point with ``config`` (snake_case keywords) under ``seed``.
+
+    The contract: ``function(**config) -> (layers, loss_fn, dataset)`` where ``layers`` is a
+    non-empty sequence of ``nn.Module`` run in order (each one a unit the planner may cut
+    after), ``loss_fn(logits, labels)`` is the mean loss over the rows, and ``dataset`` has
+    ``batch(step, indices) -> (inputs, labels)``, a pure function of its arguments (every rank
+    that needs data calls it for its own rows). Every rank calls the function under the same
+    torch seed, so randomly initialised layers agree across ranks.
+    """
+    func = load_entrypoint(entrypoint)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            result = func(**_snake(config))
+        except TypeError as err:
+            raise ModelError(f"entrypoint {entrypoint!r} rejects config {config}: {err}; "
+                             "its keyword arguments are the model's config keys") from None
+    if not (isinstance(result, tuple | list) and len(result) == 3):
+        raise ModelError(f"entrypoint {entrypoint!r} must return (layers, loss_fn, dataset), "
+                         f"got {type(result).__name__}")
+    layers, loss_fn, dataset = result
+    layers = list(layers)
+    if not layers or not all(isinstance(layer, nn.Module) for layer in layers):
+        raise ModelError(f"entrypoint {entrypoint!r}: layers must be a non-empty list of "
+                         "torch.nn.Module")
+    if not callable(loss_fn) or not callable(getattr(dataset, "batch", None)):
+        raise ModelError(f"entrypoint {entrypoint!r}: loss_fn must be callable and dataset "
+                         "must have batch(step, indices) -> (inputs, labels)")
+    return layers, loss_fn, dataset
+
+
 def _build_custom(
     ref: ModelRef,
     *,
@@ -300,19 +370,14 @@ def _build_custom(
     dtype: torch.dtype,
     device: str | torch.device,
 ) -> BuiltModel:
-    if not ref.entrypoint or ":" not in ref.entrypoint:
-        raise ModelError(f"model {ref.name}: entrypoint must be 'module:function', "
-                         f"got {ref.entrypoint!r}")
-    module_name, func_name = ref.entrypoint.split(":", 1)
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as err:
-        raise ModelError(f"model {ref.name}: cannot load entrypoint {ref.entrypoint!r}: "
-                         f"{err}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layers, loss_fn, dataset = func(**_snake(ref.config))
-    layers = list(layers)
+    if not ref.entrypoint:
+        raise ModelError(f"model {ref.name}: family custom needs an entrypoint "
+                         "'module:function'")
+    layers, loss_fn, dataset = call_entrypoint(ref.entrypoint, ref.config, seed=seed)
+    if len(layers) != ref.num_layers:
+        raise ModelError(f"model {ref.name}: entrypoint {ref.entrypoint} returns "
+                         f"{len(layers)} layers, the plan (from its profile) says "
+                         f"{ref.num_layers}; measure the profile again with spantrain profile")
     indices = range(len(layers)) if layer_indices is None else layer_indices
     kept = {i: layers[i].to(device=device, dtype=dtype) for i in indices}
     return BuiltModel(kept, len(layers), loss_fn, dataset)

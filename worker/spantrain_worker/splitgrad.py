@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class SplitState:
     def __init__(self) -> None:
         self.recording: int | None = None  # micro-batch whose forward uses the split path
         self.deferring: int | None = None  # micro-batch whose backward defers weight GEMMs
-        self.pending: dict[int, list[tuple[nn.Parameter, Tensor, Tensor]]] = defaultdict(list)
+        self.pending: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
 
     @contextmanager
     def record(self, microbatch: int | None) -> Iterator[None]:
@@ -74,7 +74,8 @@ class _SplitLinear(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        (grad_out,) = grad_outputs  # one output
         x, weight = ctx.saved_tensors
         state: SplitState = ctx.state
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
@@ -97,18 +98,20 @@ def _split_forward(module: nn.Linear, state: SplitState) -> Any:
     def forward(x: Tensor) -> Tensor:
         if state.recording is None:
             return plain(x)
-        return _SplitLinear.apply(x, module.weight, module.bias, state)
+        # ``Function.apply`` is unannotated in torch (returns the forward's output)
+        out = _SplitLinear.apply(x, module.weight, module.bias, state)  # type: ignore[no-untyped-call]
+        return cast(Tensor, out)
 
     return forward
 
 
-def install(layers: list[nn.Module], state: SplitState) -> list[nn.Parameter]:
+def install(layers: list[nn.Module], state: SplitState) -> list[Tensor]:
     """Route every ``nn.Linear`` of ``layers`` through the split path; return their weights.
 
     The modules keep their parameters and state-dict keys; only ``forward`` is wrapped (an
     instance attribute), so checkpoints and the plain training loop see ordinary modules.
     """
-    weights: list[nn.Parameter] = []
+    weights: list[Tensor] = []  # the Linear weights (Parameters; torch types them Tensor)
     for layer in layers:
         for module in layer.modules():
             if isinstance(module, nn.Linear):
