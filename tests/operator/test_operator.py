@@ -121,7 +121,7 @@ def test_failed_pod_restarts_job(kube_api: Any, namespace: str, operator: KopfRu
         mark_pod_failed(kube_api, victim, ns, exit_code=137, reason="OOMKilled")
         # the failed attempt's pods go at once, so the new attempt gets their GPUs right away
         job = wait_for(restarted, 60, "restart and Running again")
-        wait_for(lambda: first <= deleted.graces.keys(), 10, "deletions seen")
+        wait_for(lambda: first <= deleted.graces.keys(), 30, "deletions seen")
     assert {deleted.graces[n] for n in first} == {0}
     assert job["status"]["attempt"] == 1
     names = {p.metadata.name for p in live_pods(kube_api, ns, "fail")}
@@ -182,6 +182,8 @@ def test_suspend_deletes_pods_keeps_plan_and_resumes(
         patch_job(kube_api, ns, "sus", {"suspend": True})
         job = wait_for(lambda: phase_is(kube_api, ns, "sus", "Suspended"), 30, "Suspended")
         wait_for(lambda: not job_pods(kube_api, ns, "sus") or None, 30, "pods deleted")
+        # the watch runs on its own thread: let it catch up with every deletion
+        wait_for(lambda: first <= deleted.graces.keys(), 30, "deletions seen")
     # healthy workers stop with the operator's grace period (1 s in these tests)
     assert {deleted.graces[n] for n in first} == {1}
     assert job["status"]["plan"]["hash"] == plan_hash
