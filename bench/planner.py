@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import sys
 import time
@@ -29,10 +28,9 @@ from pathlib import Path
 from spantrain_planner.baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
 from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
 from spantrain_planner.errors import InfeasibleError
-from spantrain_planner.exhaustive import exhaustive_plan
+from spantrain_planner.exhaustive import optimality_gaps
 from spantrain_planner.options import PlannerOptions
 from spantrain_planner.profiles import gpt_profile, preset
-from spantrain_planner.randomcase import random_cluster, random_profile
 from spantrain_planner.report import table
 from spantrain_planner.search import search
 
@@ -76,19 +74,7 @@ def compare(cluster: str) -> list[dict[str, object]]:
 
 def optimality(num_cases: int) -> tuple[float, int]:
     """Worst relative gap of the search to the exhaustive optimum over random instances."""
-    gaps: list[float] = []
-    seed = 0
-    while len(gaps) < num_cases:
-        rng = random.Random(seed)
-        seed += 1
-        topology = random_cluster(rng, rng.randint(3, 4))
-        profile = random_profile(rng, rng.randint(4, 6))
-        options = PlannerOptions(global_batch=rng.choice([4, 8]))
-        reference = exhaustive_plan(topology, profile, options)
-        if reference is None:
-            continue  # nothing fits at all: the search must say so too
-        _, sim = search(topology, profile, options)
-        gaps.append(sim.step_seconds / reference[1].step_seconds - 1.0)
+    gaps = optimality_gaps(num_cases)
     return max(gaps), len(gaps)
 
 

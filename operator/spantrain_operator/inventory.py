@@ -417,7 +417,8 @@ def build_inventory(
 # lost nodes
 
 
-def _parse_time(text: str | None) -> datetime | None:
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 timestamp from the API (``...Z``), or None when absent or malformed."""
     if not text:
         return None
     try:
@@ -447,7 +448,7 @@ def lost_nodes(
         if is_ready(node):
             continue
         cond = _condition(node, "Ready") or {}
-        since = _parse_time(cond.get("lastTransitionTime"))
+        since = parse_time(cond.get("lastTransitionTime"))
         if since is None or (now - since).total_seconds() >= grace_seconds:
             lost[name] = f"not Ready since {cond.get('lastTransitionTime', 'unknown')}"
     return lost

@@ -88,13 +88,7 @@ class Decision:
     restarted: bool = False
 
 
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+_parse = inventory.parse_time
 
 
 def _cond(st: dict[str, Any], s: JobState, kind: str, value: bool, reason: str, msg: str) -> None:

@@ -12,14 +12,17 @@ Pure: planner modules and the standard library only.
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 
 from .assemble import StageLayout, assemble
 from .cluster import Topology
+from .errors import InfeasibleError
 from .options import PlannerOptions
 from .plan import Plan, Schedule
 from .profiles import ModelProfile
-from .search import microbatch_candidates, proportional_shares
+from .randomcase import random_cluster, random_profile
+from .search import microbatch_candidates, proportional_shares, search
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult
 
 
@@ -111,3 +114,29 @@ def microbatch_candidates_all(options: PlannerOptions, widest: int) -> list[int]
         for m in range(1, options.global_batch + 1)
         if options.global_batch % m == 0 and options.global_batch // m >= widest
     ]
+
+
+def optimality_gaps(num_cases: int) -> list[float]:
+    """Relative excess step time of the search over the exhaustive optimum on random instances.
+
+    Instances have 3-4 devices, 4-6 layers and a batch of 4 or 8, from seeds 0, 1, 2, ...;
+    an instance where nothing fits must be infeasible for the search too (else this raises).
+    """
+    gaps: list[float] = []
+    seed = 0
+    while len(gaps) < num_cases:
+        rng = random.Random(seed)
+        seed += 1
+        topology = random_cluster(rng, rng.randint(3, 4))
+        profile = random_profile(rng, rng.randint(4, 6))
+        options = PlannerOptions(global_batch=rng.choice([4, 8]))
+        reference = exhaustive_plan(topology, profile, options)
+        if reference is None:
+            try:
+                search(topology, profile, options)
+            except InfeasibleError:
+                continue
+            raise AssertionError(f"seed {seed - 1}: exhaustive found nothing, the search did")
+        _, sim = search(topology, profile, options)
+        gaps.append(sim.step_seconds / reference[1].step_seconds - 1.0)
+    return gaps
