@@ -7,14 +7,14 @@ test path, so the directory needs no ``__init__.py``; ``operator`` would shadow 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
-import pytest
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
+from tests.cluster.test_controlplane import (
+    wait_for,  # noqa: F401  (one poller for all cluster tests)
+)
 
 from spantrain_planner import api
 
@@ -22,15 +22,6 @@ T = TypeVar("T")
 GROUP, VERSION, PLURAL = api.GROUP, api.VERSION, api.PLURAL
 
 
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def cee_node_specs(prefix: str = "") -> list[dict[str, Any]]:
