@@ -190,6 +190,10 @@ def _load_plan(namespace: str, status: Mapping[str, Any]) -> Plan | None:
     return plan
 
 
+class NoEligibleNodes(PlanningError):
+    """No node the placement selects is Ready and schedulable (the job waits, not fails)."""
+
+
 def make_plan(
     spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
 ) -> Plan:
@@ -198,10 +202,14 @@ def make_plan(
 
     inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude)
     if inv.cluster is None:
-        why = "; ".join(f"{n}: {r}" for n, r in sorted(inv.skipped.items())[:10])
-        raise PlanningError(
+        # the nodes the placement selects but cannot use (not Ready, cordoned...) say more
+        # than the hundreds it does not select
+        skipped = sorted(inv.skipped.items(), key=lambda kv: ("does not match" in kv[1], kv[0]))
+        why = "; ".join(f"{n}: {r}" for n, r in skipped[:10])
+        raise NoEligibleNodes(
             f"no eligible node among {len(inv.skipped)} (placement matches none that is Ready "
-            f"and schedulable){': ' + why if why else ''}; relax spec.placement"
+            f"and schedulable){': ' + why if why else ''}; waiting for such a node (or relax "
+            "spec.placement)"
         )
     inputs = api.planner_inputs(spec)
     return search(resolve(inv.cluster), inputs.profile, inputs.options)
@@ -266,6 +274,8 @@ def _run(
             new_plan = _planner.result(uid, request, compute, wait_seconds=INTERVAL)
         except InputError as err:
             decision = reconcile.plan_failed(state, "InvalidSpec", str(err))
+        except NoEligibleNodes as err:
+            decision = reconcile.waiting_for_nodes(state, str(err))
         except PlanningError as err:
             decision = reconcile.plan_failed(state, "PlanInfeasible", str(err))
         else:

@@ -348,6 +348,32 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
     return d
 
 
+NO_ELIGIBLE_NODES = "NoEligibleNodes"
+
+
+def waiting_for_nodes(s: JobState, message: str) -> Decision:
+    """No node the placement selects is Ready and schedulable right now: the job waits.
+
+    As a pod waits for a node rather than failing, the job stays ``Pending`` (reason
+    ``NoEligibleNodes``, condition ``Planned`` False) and is planned again on every pass, so it
+    starts once nodes join or come back (fake or real nodes miss heartbeats under load; edge
+    nodes come and go). The Warning event is emitted when the job starts waiting, not on every
+    retry. Pods of an earlier plan go: they cannot run without their nodes.
+    """
+    st: dict[str, Any] = copy.deepcopy(dict(s.status))
+    st.setdefault("conditions", [])
+    st["observedGeneration"] = s.generation
+    d = Decision(status=st)
+    if st.get("reason") != NO_ELIGIBLE_NODES:
+        d.events.append(("Warning", NO_ELIGIBLE_NODES, message))
+    _set_phase(st, "Pending", NO_ELIGIBLE_NODES, message)
+    _cond(st, s, "Planned", False, NO_ELIGIBLE_NODES, message)
+    if status.get_condition(st["conditions"], "Running") is not None:
+        _cond(st, s, "Running", False, NO_ELIGIBLE_NODES, message)
+    d.delete_pods = deletions((status.pod_view(p) for p in s.pods), dead=True)
+    return d
+
+
 def plan_failed(s: JobState, reason: str, message: str) -> Decision:
     """The job fails because no plan exists (PlanInfeasible, InvalidSpec)."""
     st: dict[str, Any] = copy.deepcopy(dict(s.status))

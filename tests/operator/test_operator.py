@@ -255,11 +255,33 @@ def test_infeasible_job_fails_with_plan_infeasible(
     assert not live_pods(kube_api, ns, "huge")
     assert "PlanInfeasible" in events_of(kube_api, ns, "huge")
 
+
+
+def test_job_without_eligible_nodes_waits_then_starts(
+    kube_api: Any, namespace: str, operator: KopfRunner, control_plane: Any
+) -> None:
+    """No node matches: the job waits Pending (as a pod would), and starts once one joins."""
+    ns = namespace
     create_job(kube_api, ns, job_manifest(
         "nowhere", placement={"nodeSelector": {"spantrain.io/tier": "moon"}}))
-    job = wait_for(lambda: phase_is(kube_api, ns, "nowhere", "Failed"), 60, "Failed")
-    assert job["status"]["reason"] == "PlanInfeasible"
+
+    def waiting() -> dict[str, Any] | None:
+        job = phase_is(kube_api, ns, "nowhere", "Pending")
+        return job if job and job["status"].get("reason") == "NoEligibleNodes" else None
+
+    job = wait_for(waiting, 60, "Pending with reason NoEligibleNodes")
     assert "no eligible node" in job["status"]["message"]
+    assert condition(job, "Planned")["status"] == "False"
+    assert "NoEligibleNodes" in events_of(kube_api, ns, "nowhere")
+    names = control_plane.add_nodes([{
+        "name": "moon-0", "labels": {"spantrain.io/tier": "moon"},
+        "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}}])
+    try:
+        control_plane.wait_nodes_ready(names, timeout=60)
+        job = wait_for(lambda: phase_is(kube_api, ns, "nowhere", "Running"), 90, "Running")
+        assert condition(job, "Planned")["status"] == "True"
+    finally:
+        k8s_client.CoreV1Api(kube_api).delete_node("moon-0")
 
 
 # --------------------------------------------------------------------------------------------

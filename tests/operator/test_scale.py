@@ -161,7 +161,11 @@ def test_50_jobs_on_500_nodes(
                         running[name] = now
                 return len(created) == len(running) == NUM_JOBS
 
-            wait_for(all_running, 420, f"{NUM_JOBS} jobs Running", interval=0.25)
+            try:
+                wait_for(all_running, 420, f"{NUM_JOBS} jobs Running", interval=0.25)
+            except BaseException:
+                _dump_stuck(custom, core, ns, set(running))
+                raise
         lat = sorted(created[j] - applied[j] for j in applied)
         run = sorted(running[j] - applied[j] for j in applied)
         print(f"scale: {NUM_JOBS} jobs on {len(names) or NUM_JOBS * NODES_PER_POOL} nodes; "
@@ -178,6 +182,27 @@ def test_50_jobs_on_500_nodes(
         for spec in specs:
             with contextlib.suppress(Exception):
                 core.delete_node(spec["name"])
+
+
+def _dump_stuck(custom: Any, core: k8s_client.CoreV1Api, ns: str, done: set[str]) -> None:
+    """What a job that never reached Running looks like: its status and its pods'."""
+    pods = json.loads(core.list_namespaced_pod(ns, _preload_content=False).data)["items"]
+    for j in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+        name = j["metadata"]["name"]
+        if name in done:
+            continue
+        st = j.get("status") or {}
+        print(f"stuck {name}: phase={st.get('phase')} ready={st.get('ready')} "
+              f"attempt={st.get('attempt')} restarts={st.get('restarts')} "
+              f"message={st.get('message')!r}")
+        for pod in pods:
+            if (pod["metadata"].get("labels") or {}).get("spantrain.io/job-name") != name:
+                continue
+            pst = pod.get("status") or {}
+            conds = {c["type"]: c["status"] for c in pst.get("conditions") or []}
+            print(f"  {pod['metadata']['name']} node={pod['spec'].get('nodeName')} "
+                  f"phase={pst.get('phase')} conds={conds} "
+                  f"deleting={bool(pod['metadata'].get('deletionTimestamp'))}")
 
 
 def _p99(sorted_values: list[float]) -> float:

@@ -415,3 +415,14 @@ def test_plan_queue_is_first_come_first_served_and_keyed() -> None:
         assert str(err) == "infeasible"
     else:
         raise AssertionError("the planner's error is re-raised")
+
+
+def test_waiting_for_nodes_is_pending_and_warns_once() -> None:
+    first = reconcile.waiting_for_nodes(state({}, plan=False), "no eligible node among 3")
+    assert first.status["phase"] == "Pending" and first.status["reason"] == "NoEligibleNodes"
+    assert first.finished is None
+    assert [e[1] for e in first.events] == ["NoEligibleNodes"]
+    again = reconcile.waiting_for_nodes(state(first.status, plan=False), "no eligible node among 3")
+    assert again.events == []  # still waiting: no event on every retry
+    # still not terminal: the next pass plans again
+    assert reconcile.decide(state(again.status, plan=False)).replan == "Initial"
