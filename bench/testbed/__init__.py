@@ -4,7 +4,8 @@ Role: turn a cluster description in the planner's format (``spantrain_planner.cl
 kernel objects — one network namespace per device joined by Linux bridges, token-bucket
 bandwidth limits (``tc`` ``htb``/``tbf``) per ordered node pair, cgroup v1 CPU quotas per
 device — start processes inside them, and remove everything afterwards (also after a crash).
-Used by ``python -m bench.testbed``, ``tests/testbed`` and ``bench/cee.py``.
+Installed as ``spantrain_testbed`` from ``bench/testbed``; used by ``spantrain testbed``,
+``spantrain local --emulate``, ``tests/testbed`` and ``bench/cee.py``.
 
 Only bandwidth and compute are enforced. Link *latency* is not emulated: that needs the
 ``netem`` qdisc, which this kernel does not have; results produced here say so.

@@ -16,6 +16,7 @@ Must not import torch, ``spantrain_worker`` or ``spantrain_operator``; standard 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -26,7 +27,13 @@ from pathlib import Path
 
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 CPUACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
-PERIOD_US = 100_000
+# Short CFS periods. With the default 100 ms a device that waits on a link for most of a
+# period spends its whole quota at full core speed when the data lands: a pipeline stage with
+# bubbles then computes up to 1/cores times faster than the same device alone, and the testbed
+# stops emulating a device of fixed speed (measured steps came out 1.8x faster than the
+# calibrated prediction). A 5 ms period bounds such a burst to one quota (~1 ms).
+PERIOD_US = 5_000
+MAX_PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the kernel's floor for cfs_quota_us
 DEFAULT_BUDGET_CORES = 1.8
 DEFAULT_SHARES = 8192
@@ -46,8 +53,13 @@ class CpuQuota:
     cores: float
 
     @property
+    def period_us(self) -> int:
+        """The shortest period whose quota is at least the kernel's minimum."""
+        return min(MAX_PERIOD_US, max(PERIOD_US, math.ceil(MIN_QUOTA_US / self.cores)))
+
+    @property
     def quota_us(self) -> int:
-        return max(MIN_QUOTA_US, round(self.cores * PERIOD_US))
+        return max(MIN_QUOTA_US, round(self.cores * self.period_us))
 
 
 def plan_quotas(
@@ -85,10 +97,10 @@ def plan_quotas(
             f"a device would get {max(cores):.2f} cores but processes run with one thread; "
             f"lower cores_per_tflops or budget_cores"
         )
-    tiny = [d for d, c in zip(device_ids, cores, strict=True) if c * PERIOD_US < MIN_QUOTA_US]
+    tiny = [d for d, c in zip(device_ids, cores, strict=True) if c * MAX_PERIOD_US < MIN_QUOTA_US]
     if tiny:
         raise ValueError(
-            f"devices {tiny} would get less than {MIN_QUOTA_US / PERIOD_US:.0%} of a core, "
+            f"devices {tiny} would get less than {MIN_QUOTA_US / MAX_PERIOD_US:.0%} of a core, "
             f"below the kernel's minimum quota; raise budget_cores or drop them"
         )
     return [CpuQuota(i, d, c) for i, (d, c) in enumerate(zip(device_ids, cores, strict=True))]
@@ -120,7 +132,7 @@ def _write(path: Path, value: str) -> None:
 
 def create(instance: int, quotas: Sequence[CpuQuota], shares: int = DEFAULT_SHARES) -> None:
     check_available()
-    total_us = sum(q.quota_us for q in quotas)
+    total_us = round(sum(q.cores for q in quotas) * PERIOD_US)
     for root in (CPU_ROOT, CPUACCT_ROOT):
         group(instance, root).mkdir(exist_ok=True)
         for q in quotas:
@@ -131,7 +143,10 @@ def create(instance: int, quotas: Sequence[CpuQuota], shares: int = DEFAULT_SHAR
     _write(parent / "cpu.shares", str(shares))
     for q in quotas:
         path = device_group(instance, q.index)
-        _write(path / "cpu.cfs_period_us", str(PERIOD_US))
+        # unlimited first: the kernel checks every (quota, period) pair it is given against
+        # the parent's ratio, and the old quota with the new period may not pass
+        _write(path / "cpu.cfs_quota_us", "-1")
+        _write(path / "cpu.cfs_period_us", str(q.period_us))
         _write(path / "cpu.cfs_quota_us", str(q.quota_us))
         burst = path / "cpu.cfs_burst_us"
         if burst.exists():

@@ -1,12 +1,13 @@
 """The testbed object: bring an emulated cluster up, run processes in it, tear it down.
 
-Role: the library face of ``bench.testbed`` (``Testbed``, ``sweep``, ``sweep_all``), used by the
-CLI, the root tests and ``bench/cee.py``. Combines ``netns`` (namespaces, bridges, token
-buckets) and ``cgroups`` (CPU quotas) for one *instance* ``N``: every kernel object it makes is
-named ``stbN-…`` (cgroups ``stbN``) and a state file ``/run/spantrain-testbed/stbN.json`` is
-written *before* anything is created, so ``down``/``sweep`` can always find what a crashed run
-left behind. ``up()`` first sweeps its own instance and every instance whose recorded owner
-process is dead. Everything is idempotent; ``with Testbed(...) as tb:`` tears down on exit.
+Role: the library face of ``spantrain_testbed`` (``Testbed``, ``sweep``, ``sweep_all``), used
+by the CLI, ``spantrain local --emulate``, the root tests and ``bench/cee.py``. Combines
+``netns`` (namespaces, bridges, token buckets) and ``cgroups`` (CPU quotas) for one *instance*
+``N``: every kernel object it makes is named ``stbN-…`` (cgroups ``stbN``) and a state file
+``/run/spantrain-testbed/stbN.json`` is written *before* anything is created, so
+``down``/``sweep`` can always find what a crashed run left behind. ``up()`` first sweeps its
+own instance and every instance whose recorded owner process is dead. Everything is
+idempotent; ``with Testbed(...) as tb:`` tears down on exit.
 
 Enforced: bandwidth per ordered node pair (``htb``/``tbf`` token buckets) and compute per
 device (cgroup v1 CFS quota ∝ FLOP/s, all devices within ``budget_cores`` of this machine,
@@ -319,7 +320,7 @@ class Testbed:
                     "tflops": topo.devices[dev.index].flops / 1e12,
                     "cores": self.quotas[dev.index].cores,
                     "quota_us": self.quotas[dev.index].quota_us,
-                    "period_us": cgroups.PERIOD_US,
+                    "period_us": self.quotas[dev.index].period_us,
                 }
                 for dev in self.net.devices
             ],
@@ -338,7 +339,7 @@ class Testbed:
         if state is None:
             raise TestbedError(
                 f"testbed instance {instance} is not up (no {state_path(instance)}); "
-                f"run `python -m bench.testbed up CLUSTER.yaml --instance {instance}` first"
+                f"run `spantrain testbed up CLUSTER.yaml --instance {instance}` first"
             )
         return cls._from_description(state)
 

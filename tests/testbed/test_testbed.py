@@ -1,4 +1,4 @@
-"""Root tests of ``bench.testbed``: real namespaces, real token buckets, real CPU quotas.
+"""Root tests of ``spantrain_testbed``: real namespaces, real token buckets, real CPU quotas.
 
 Every figure here is measured on the kernel objects the testbed creates: TCP throughput between
 two namespaces against the configured link rate, a busy loop's CPU share against its cgroup
@@ -31,8 +31,15 @@ if not Path("/sys/fs/cgroup/cpu/tasks").exists():
     pytest.skip("the testbed needs cgroup v1 with the cpu/cpuacct controllers mounted",
                 allow_module_level=True)
 
-from bench.testbed import Testbed, cgroups, netns, plan_network, plan_quotas, sweep  # noqa: E402
-from bench.testbed.netns import leftovers  # noqa: E402
+from spantrain_testbed import (  # noqa: E402
+    Testbed,
+    cgroups,
+    netns,
+    plan_network,
+    plan_quotas,
+    sweep,
+)
+from spantrain_testbed.netns import leftovers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -171,7 +178,9 @@ def test_cpu_quota_caps_a_busy_loop(tb3: Testbed) -> None:
         assert float(proc.communicate(timeout=60)[0]) > 0.4  # lifted: beyond the quarter core
     finally:
         tb3.enforce_compute(True)
-    assert (cgroups.device_group(201, 0) / "cpu.cfs_quota_us").read_text().strip() == "25000"
+    assert (cgroups.device_group(201, 0) / "cpu.cfs_quota_us").read_text().strip() == str(
+        tb3.quotas[0].quota_us)
+    assert tb3.quotas[0].quota_us == round(0.25 * tb3.quotas[0].period_us)
 
 
 def test_gloo_allreduce_across_namespaces(tb3: Testbed) -> None:
@@ -231,7 +240,7 @@ CRASHER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from tests.testbed.test_testbed import three_devices
-from bench.testbed import Testbed
+from spantrain_testbed import Testbed
 tb = Testbed(three_devices(), instance={instance}).up()
 tb.run(0, ["sleep", "300"])
 print("up", flush=True)
@@ -255,7 +264,7 @@ def _crash(instance: int) -> None:
 def test_crash_then_down_sweeps_everything() -> None:
     _crash(204)
     sleeper = cgroups.pids(204)[0]
-    down = subprocess.run([PY, "-m", "bench.testbed", "down", "--instance", "204"], cwd=REPO,
+    down = subprocess.run([PY, "-m", "spantrain_testbed", "down", "--instance", "204"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     _nothing_left(204)
@@ -273,21 +282,23 @@ def test_crash_then_startup_sweep() -> None:
 
 def test_cli_up_status_run_down() -> None:
     cluster = HERE / "tb3.yaml"
-    cli = [PY, "-m", "bench.testbed"]
+    # `spantrain testbed`; run outside the checkout so that a stale spantrain.egg-info there
+    # cannot hide the installed entry points
+    cli = [PY, "-m", "spantrain_planner.cli", "testbed"]
     try:
-        up = subprocess.run([*cli, "up", str(cluster), "--instance", "207"], cwd=REPO,
+        up = subprocess.run([*cli, "up", str(cluster), "--instance", "207"], cwd=HERE,
                             capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, up.stderr
-        status = subprocess.run([*cli, "status", "--instance", "207", "--json"], cwd=REPO,
+        status = subprocess.run([*cli, "status", "--instance", "207", "--json"], cwd=HERE,
                                 capture_output=True, text=True, timeout=60)
         (entry,) = json.loads(status.stdout)
         assert entry["namespaces"] == 3 and entry["owner_pid"] is None
         run = subprocess.run([*cli, "run", "--instance", "207", "b/cpu0", "--", "sh", "-c",
                               "echo $GLOO_SOCKET_IFNAME $SPANTRAIN_DEVICE_ADDR"],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+                             cwd=HERE, capture_output=True, text=True, timeout=60)
         assert run.stdout.split() == ["stb207-n1", "10.210.207.2"], run.stderr
     finally:
-        down = subprocess.run([*cli, "down", "--instance", "207"], cwd=REPO,
+        down = subprocess.run([*cli, "down", "--instance", "207"], cwd=HERE,
                               capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     _nothing_left(207)

@@ -13,7 +13,11 @@ dispatcher finds them without importing the worker.
   stops every worker (one process group, see ``launch``) and exits 130. Checkpoints go to the
   manifest's ``spec.training.checkpoint.path`` (default ``<out>/checkpoints``); a directory
   that already holds one is resumed with ``--resume``, discarded with ``--fresh``, and
-  otherwise the command refuses to start rather than overwrite it.
+  otherwise the command refuses to start rather than overwrite it. With ``--emulate`` (root)
+  the devices are emulated by the kernel instead of by sleep padding: the command brings up a
+  ``spantrain_testbed`` instance for the cluster (one network namespace per device,
+  token-bucket links, cgroup CPU quotas), starts each rank inside its device's namespace and
+  cgroup, and removes the instance afterwards, also on Ctrl-C or an error.
 * ``spantrain profile MODULE:FUNCTION|PRESET`` measures a model's layer profile (see
   ``profiling``) and writes the YAML the planner reads (``spantrain plan --model``, or
   ``model.profile`` of a SpanTrainJob with ``model.entrypoint``).
@@ -24,18 +28,22 @@ Must not import kopf, the Kubernetes client or ``spantrain_operator``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from spantrain_planner.api import load_job, planner_inputs
-from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
+from spantrain_planner.cluster import ClusterSpec, Topology, load_cluster, resolve
 from spantrain_planner.plan import Plan
 from spantrain_planner.report import plan_table
 from spantrain_planner.search import make_plan
@@ -98,7 +106,7 @@ def add_local_parser(subparsers: Any) -> None:
         "two slower edge boards), then train it with one local process per device over gloo "
         "on 127.0.0.1. Slower devices and links are emulated by padding each compute action "
         "and each transfer with delays proportional to the measured time (real throttling "
-        "is the testbed's job). Shows progress, prints the throughput and writes the "
+        "is --emulate's job). Shows progress, prints the throughput and writes the "
         "measured timeline chart. Ctrl-C stops every worker.",
     )
     parser.add_argument("job", metavar="JOB.yaml", help="SpanTrainJob manifest")
@@ -115,8 +123,17 @@ def add_local_parser(subparsers: Any) -> None:
                           help="delete the checkpoints in the checkpoint directory and start "
                           "from step 0 (without --resume or --fresh, an existing checkpoint "
                           "stops the command)")
-    parser.add_argument("--no-emulation", action="store_true",
-                        help="run every process at full speed with no link delays")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--no-emulation", action="store_true",
+                     help="run every process at full speed with no link delays")
+    how.add_argument("--emulate", action="store_true",
+                     help="emulate the devices with the kernel instead of sleep padding "
+                     "(root): one network namespace per device, token-bucket links, cgroup "
+                     "CPU quotas in proportion to FLOP/s (spantrain testbed); latency is not "
+                     "emulated")
+    parser.add_argument("--testbed-instance", type=int, metavar="N",
+                        help="testbed instance for --emulate: names stbN-*, subnet "
+                        f"10.210.N.0/24 (default: the first free one from {AUTO_INSTANCES[0]})")
     parser.set_defaults(func=run_local)
 
 
@@ -192,6 +209,13 @@ def prepare_checkpoints(ckpt: Path, *, resume: bool, fresh: bool) -> str:
 
 
 def run_local(args: argparse.Namespace) -> int:
+    if args.emulate and os.geteuid() != 0:
+        print("spantrain local: --emulate needs root (network namespaces, cgroups); run "
+              "without --emulate for the in-process emulation", file=sys.stderr)
+        return 2
+    if args.testbed_instance is not None and not args.emulate:
+        print("spantrain local: --testbed-instance needs --emulate", file=sys.stderr)
+        return 2
     job = load_job(args.job)
     inputs = planner_inputs(job.spec)
     out = Path(args.out or Path("spantrain-local") / job.name).resolve()
@@ -218,23 +242,56 @@ def run_local(args: argparse.Namespace) -> int:
     steps = int(training["steps"])
     (out / "plan.json").write_text(plan.to_json())
     (out / "training.json").write_text(json.dumps(training, indent=2))
+    if args.emulate:  # the kernel emulates the devices: no sleep padding
+        return _train_on_testbed(plan, topology, out, job.name, ckpt, steps,
+                                 args.testbed_instance)
     emulation = None
     if not args.no_emulation:
         emulation = out / "emulation.json"
         emulation.write_text(emulation_for(plan, topology).model_dump_json(by_alias=True))
+    return _train(plan, out, job.name, ckpt, steps, emulation)
+
+
+def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
+           emulation: Path | None, testbed: Any = None) -> int:
+    """Start the workers, show progress until they finish, print the throughput.
+
+    With ``testbed`` (a live ``spantrain_testbed.Testbed``) every rank starts inside its
+    device's namespace and cgroup, the rank-0 device's address is the rendezvous, and the CPU
+    quotas are lifted until step 0 is done (importing torch at a tenth of a core takes a
+    minute) and enforced from then on.
+    """
+    spawn: launch.Spawn | None = None
+    master_addr, master_port = "127.0.0.1", None
+    if testbed is not None:
+        by_rank = {d.rank: d.device_id for st in plan.stages for d in st.devices}
+        master_addr, master_port = testbed.address(by_rank[0]), 29500  # own namespace
+
+        def spawn(rank: int, argv: list[str], env: dict[str, str],
+                  popen: dict[str, Any]) -> Any:
+            device = by_rank[rank]
+            # the device's interface and thread settings win over this shell's environment
+            env = {**env, **testbed.device_env(device), "MASTER_ADDR": master_addr}
+            return testbed.run(device, argv, env=env, start_new_session=False, **popen)
+
+        testbed.enforce_compute(False)
     workers = launch.start(
         out / "plan.json", plan.world_size, out, training_path=out / "training.json",
-        job=job.name, checkpoint_dir=ckpt, emulation_path=emulation,
+        job=job_name, checkpoint_dir=ckpt, emulation_path=emulation,
+        master_addr=master_addr, master_port=master_port, spawn=spawn,
     )
     (out / "workers.json").write_text(json.dumps(
         {"pgid": workers.pgid, "pids": [p.pid for p in workers.procs]}))
     print(f"started {plan.world_size} workers (process group {workers.pgid}); logs in {out}")
     tty = sys.stdout.isatty()
-    state: dict[str, Any] = {"shown": -1, "first": None}
+    state: dict[str, Any] = {"shown": -1, "first": None, "enforced": testbed is None}
     started = time.monotonic()
 
     def tick() -> None:
         rows = _read_rows(out / "losses.jsonl")
+        if rows and not state["enforced"]:  # step 0 done everywhere: quotas from now on
+            testbed.enforce_compute(True)
+            state["enforced"] = True
         if not rows or rows[-1]["step"] == state["shown"]:
             return
         row = rows[-1]
@@ -272,6 +329,93 @@ def run_local(args: argparse.Namespace) -> int:
     if chart:
         print(f"measured timeline: {chart}")
     return 0
+
+
+#: ``--emulate`` without ``--testbed-instance`` takes the first of these with nothing on the
+#: machine (``spantrain testbed up`` defaults to 0, the testbed's tests use 201 and up).
+AUTO_INSTANCES = range(100, 200)
+
+
+def _train_on_testbed(plan: Plan, topology: Topology, out: Path, job_name: str, ckpt: Path,
+                      steps: int, instance: int | None) -> int:
+    """``--emulate``: bring up a testbed for the cluster, train in it, always tear it down."""
+    from spantrain_testbed import Testbed
+    from spantrain_testbed.testbed import instances_present, status
+
+    try:
+        if instance is None:
+            present = instances_present()
+            free = [n for n in AUTO_INSTANCES if n not in present]
+            if not free:
+                raise ValueError(f"no free testbed instance in {AUTO_INSTANCES.start}.."
+                                 f"{AUTO_INSTANCES.stop - 1}; remove some with "
+                                 "`spantrain testbed down`")
+            instance = free[0]
+        else:
+            for entry in status(instance):
+                if entry["state"] and entry["owner_alive"]:
+                    owner = entry["owner_pid"]
+                    raise ValueError(
+                        f"testbed instance {instance} is in use ("
+                        f"{'persistent' if owner is None else f'owner pid {owner}'}); pick "
+                        "another --testbed-instance")
+        tb = Testbed(topology, instance=instance,
+                     cores_per_tflops=_cores_per_tflops(topology))
+        tb.up()
+    except (RuntimeError, ValueError, OSError) as err:  # TestbedError, cgroup/tc failures
+        print(f"spantrain local: cannot bring up the testbed: {err}", file=sys.stderr)
+        return 2
+    try:
+        print(_testbed_line(tb))
+        return _train(plan, out, job_name, ckpt, steps, None, testbed=tb)
+    finally:
+        with _no_sigint():  # a second Ctrl-C must not leave namespaces and cgroups behind
+            tb.down()
+        print(f"testbed instance {tb.instance} removed")
+
+
+def _cores_per_tflops(topology: Topology) -> float | None:
+    """None (fill the testbed's CPU budget in proportion to FLOP/s) unless that would give
+    the fastest device more than the one core a one-thread worker can use (a cluster of one
+    or two very unequal devices): then the fastest gets just under one core."""
+    from spantrain_testbed.cgroups import DEFAULT_BUDGET_CORES
+
+    tflops = [d.flops / 1e12 for d in topology.devices]
+    if DEFAULT_BUDGET_CORES / sum(tflops) * max(tflops) <= 1.0:
+        return None
+    return 0.99 / max(tflops)
+
+
+def _testbed_line(tb: Any) -> str:
+    """One line: what the testbed enforces and what it does not."""
+    rates = sorted({c.bits_per_second for s in tb.net.shaping for c in s.classes})
+    if not rates:
+        links = "links unshaped (none below 10 Gbit/s)"
+    else:
+        shown = [f"{r / 1e6:g}" for r in rates]
+        links = (f"links {'/'.join(shown) if len(shown) <= 4 else f'{shown[0]}-{shown[-1]}'}"
+                 " Mbit/s (token buckets)")
+    cores = [q.cores for q in tb.quotas]
+    shares = ("/".join(f"{c:.2f}" for c in cores) if len(cores) <= 6
+              else f"{min(cores):.2f}-{max(cores):.2f}")
+    n = len(tb.net.devices)
+    return (f"emulating {tb.topology.name} on the kernel testbed (instance {tb.instance}): "
+            f"{n} network namespace{'s' if n != 1 else ''}, {links}, CPU quotas {shares} cores "
+            f"(in proportion to FLOP/s, {sum(cores):.2f} cores in all); latency is not "
+            f"emulated (no netem)")
+
+
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------------------------

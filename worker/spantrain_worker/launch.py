@@ -7,7 +7,9 @@ worker leads it), so ``stop()`` ends every one of them with a single ``killpg`` 
 the terminal reaches only the launcher, which then stops the group; each worker also asks the
 kernel to SIGTERM it if the launcher dies (``PR_SET_PDEATHSIG``), so nothing is orphaned.
 If one worker fails, the others would block in a collective until a timeout, so ``wait()``
-stops the group as soon as any worker exits non-zero.
+stops the group as soon as any worker exits non-zero. ``spawn`` lets a caller start each rank
+some other way (``spantrain local --emulate`` starts it inside its device's network namespace
+and cgroup on the testbed); the process group and the parent-death signal stay the same.
 
 Must not import torch.distributed, kopf, the Kubernetes client or ``spantrain_operator``.
 """
@@ -25,8 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
+
+#: ``spawn(rank, argv, env, popen_kwargs)`` starts one worker and returns its Popen; the
+#: keyword arguments (log file, process group, pre-exec hook) must reach ``subprocess.Popen``.
+Spawn = Callable[[int, list[str], dict[str, str], dict[str, Any]], "subprocess.Popen[bytes]"]
 
 
 def free_port() -> int:
@@ -99,14 +106,18 @@ def start(
     emulation_path: str | Path | None = None,
     extra_env: dict[str, str] | None = None,
     python: str = sys.executable,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    spawn: Spawn | None = None,
 ) -> LocalJob:
-    """Start ``world_size`` workers on 127.0.0.1; their logs go to ``out_dir/rank<r>.log``."""
+    """Start ``world_size`` workers (default: on 127.0.0.1, as plain child processes; see
+    ``spawn``); their logs go to ``out_dir/rank<r>.log``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port() if master_port is None else master_port
     base = dict(os.environ)
     base.update({
-        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(port),
         "WORLD_SIZE": str(world_size),
         "SPANTRAIN_PLAN": str(plan_path),
@@ -132,11 +143,15 @@ def start(
         log_path = out / f"rank{rank}.log"
         logs.append(log_path)
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [python, "-m", "spantrain_worker.worker"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                process_group=pgid, preexec_fn=_die_with_parent,
-            )
+            argv = [python, "-m", "spantrain_worker.worker"]
+            popen: dict[str, Any] = {
+                "stdout": log, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL,
+                "process_group": pgid, "preexec_fn": _die_with_parent,
+            }
+            if spawn is None:
+                proc = subprocess.Popen(argv, env=env, **popen)
+            else:
+                proc = spawn(rank, argv, env, popen)
         if rank == 0:
             pgid = proc.pid
         procs.append(proc)
