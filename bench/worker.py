@@ -7,8 +7,9 @@ process gets one thread (``torch.set_num_threads(1)``) so the comparison is per 
     micro-batch, the full runtime: rendezvous, action loop, world reduce for loss/norm,
     AdamW) / samples/s of a textbook PyTorch loop on the same model, batch and optimizer.
 (b) a 3-stage plan with even stages and one device per stage: SpanTrain ``zb`` and ``1f1b``
-    and ``torch.distributed.pipelining`` (``ScheduleGPipe`` and ``Schedule1F1B``) on the same
-    layers, micro-batches and gloo backend. ``zb_vs_1f1b`` = zb / 1f1b samples/s;
+    and ``torch.distributed.pipelining`` (``ScheduleGPipe`` and ``Schedule1F1B``, run by
+    ``bench/torch_pipe.py``) on the same layers, micro-batches, training block and gloo
+    backend. ``zb_vs_1f1b`` = zb / 1f1b samples/s;
     ``ours_vs_torch_pipelining`` = our best / torch's best samples/s.
 
 Step time is the median over the second half of the steps (the first half warms up); each
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,16 +33,20 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from pydantic.alias_generators import to_snake
 
-from spantrain_planner.assemble import StageLayout, assemble
-from spantrain_planner.cluster import ClusterSpec, resolve
-from spantrain_planner.plan import Plan
-from spantrain_planner.profiles import preset
-from spantrain_worker import launch
-from spantrain_worker.baseline import PlainTrainer
-from spantrain_worker.config import TrainingConfig
-from spantrain_worker.models import build_model, example_input, layer_output_shapes
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import torch_pipe  # noqa: E402
+
+from spantrain_planner.assemble import StageLayout, assemble  # noqa: E402
+from spantrain_planner.cluster import ClusterSpec, resolve  # noqa: E402
+from spantrain_planner.plan import Plan  # noqa: E402
+from spantrain_planner.profiles import preset  # noqa: E402
+from spantrain_worker import launch  # noqa: E402
+from spantrain_worker.baseline import PlainTrainer  # noqa: E402
+from spantrain_worker.config import TrainingConfig  # noqa: E402
 
 
 def topology(n: int):  # type: ignore[no-untyped-def]
@@ -106,62 +112,35 @@ def run_plain_process(model: str, training: dict[str, object], batch: int) -> fl
         return float(result["samples_per_second"])
 
 
-def _torch_pipelining_rank(rank: int, world: int, port: int, model: str, cuts: list,
-                           batch: int, microbatches: int, steps: int, schedule: str,
-                           lr: float, result: dict) -> None:
-    import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    torch.set_num_threads(1)
-    # torch 2.9 bug: the warm-up exchange that initialises NCCL communicators sends an int64
-    # scalar into a float32 buffer, which gloo rejects ("8 vs 4"); gloo needs no warm-up.
-    PipelineStage._get_init_p2p_neighbors_ops = lambda self: []  # type: ignore[method-assign]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    step_barrier = dist.new_group(backend="gloo")  # never share a group with the P2P traffic
-    plan = make_plan(model, cuts, batch, microbatches, "gpipe")
-    start, end = cuts[rank]
-    built = build_model(plan.model, seed=0, layer_indices=range(start, end),
-                        with_data=rank in (0, world - 1))
-    module = torch.nn.Sequential(*built.stage(start, end))
-    # explicit shapes: skip the lazy shape inference (its metadata exchange is not needed)
-    mbs = batch // microbatches
-    shapes = layer_output_shapes(plan.model)
-    example = (example_input(plan.model.family, {to_snake(k): v for k, v in
-                                                  plan.model.config.items()}).expand(mbs, -1)
-               if start == 0 else torch.zeros(mbs, *shapes[start - 1]))
-    stage = PipelineStage(module, rank, world, torch.device("cpu"), input_args=(example,),
-                          output_args=(torch.zeros(mbs, *shapes[end - 1]),))
-    cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-    sched = cls(stage, microbatches, loss_fn=built.loss_fn)
-    opt = torch.optim.AdamW(module.parameters(), lr=lr)
-    times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        x, y = built.dataset.batch(step, range(batch)) if built.dataset else (None, None)
-        if rank == 0:
-            sched.step(x)
-        elif rank == world - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.barrier(group=step_barrier)
-        times.append(time.perf_counter() - t0)
-    if rank == 0:
-        result["samples_per_second"] = batch / statistics.median(times[len(times) // 2:])
-    dist.destroy_process_group()
-
-
 def run_torch_pipelining(model: str, cuts: list[tuple[int, int]], batch: int,
-                         microbatches: int, steps: int, schedule: str, lr: float) -> float:
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_torch_pipelining_rank, nprocs=len(cuts), join=True, args=(
-            len(cuts), launch.free_port(), model, cuts, batch, microbatches, steps, schedule,
-            lr, result))
-        return float(result["samples_per_second"])
+                         microbatches: int, steps: int, schedule: str,
+                         training: dict[str, object], workdir: Path) -> float:
+    """Samples/s of ``torch.distributed.pipelining`` (``bench/torch_pipe.py``, one process
+    per stage on 127.0.0.1), measured like ``run_ours`` from rank 0's losses.jsonl."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "losses.jsonl"
+    bounds = [a for a, _ in cuts] + [cuts[-1][1]]
+    commands = torch_pipe.rank_commands(
+        model, ["127.0.0.1"] * len(cuts), launch.free_port(), batch, microbatches, steps, out,
+        schedule=schedule, training=training, bounds=bounds)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank, (argv, env) in enumerate(commands):
+            with (workdir / f"rank{rank}.log").open("wb") as log:
+                procs.append(subprocess.Popen(argv, env=os.environ | env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        codes = [p.wait(900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(codes):
+        logs = "".join((workdir / f"rank{r}.log").read_text()[-1500:] for r in range(len(procs)))
+        raise RuntimeError(f"torch pipelining ranks failed {codes}:\n{logs}")
+    rows = torch_pipe.read_losses(out)
+    tail = rows[len(rows) // 2:]
+    return batch / float(statistics.median(r["stepSeconds"] for r in tail))
 
 
 def main() -> int:
@@ -200,7 +179,8 @@ def main() -> int:
                 rates[f"spantrain-{schedule}"] = max(rates.get(f"spantrain-{schedule}", 0), rate)
             for schedule in ("gpipe", "1f1b"):
                 rate = run_torch_pipelining(args.model, cuts, args.batch, args.microbatches,
-                                            args.steps, schedule, lr)
+                                            args.steps, schedule, training,
+                                            root / f"torch-{schedule}{r}")
                 rates[f"torch-{schedule}"] = max(rates.get(f"torch-{schedule}", 0), rate)
         print(f"(b) {args.model}, 3 even stages {cuts}, {args.microbatches} micro-batches of "
               f"{args.batch // args.microbatches}, one process per stage:")
