@@ -36,6 +36,7 @@ from .profiles import ModelProfile
 from .search import (
     StageDevices,
     coarsen,
+    divisors,
     even_shares,
     joint_partition,
     microbatch_candidates,
@@ -213,7 +214,11 @@ def asteroid(ctx: _Ctx, max_units: int = 48) -> Scored | None:
     coarse, bounds = coarsen(ctx.profile)
     csums = ProfileSums(coarse)
     candidates: list[tuple[float, list[StageLayout], int]] = []
-    for m in microbatch_candidates(ctx.global_batch, 1, len(units[0]), None):
+    # every micro-batch count its DP can use (not only those near the stage count SpanTrain
+    # tries): the Asteroid-like planner gets the best m its own 1F1B cost model can find
+    for m in divisors(ctx.global_batch):
+        if ctx.global_batch // m < len(units[0]):
+            continue
         for bottleneck, stages, ranges in joint_partition(
             units, topo, csums, m, ctx.global_batch // m, cost=ctx.cost
         ):

@@ -465,7 +465,7 @@ def split_group(topology: Topology, group: NetworkGroup, num_stages: int) -> lis
     return [tuple(c) for c in chunks]
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -478,10 +478,10 @@ def microbatch_candidates(
             raise InputError(
                 f"planner.numMicrobatches={requested} does not divide training.globalBatch="
                 f"{global_batch}; choose a divisor such as "
-                f"{', '.join(map(str, _divisors(global_batch)[:8]))}"
+                f"{', '.join(map(str, divisors(global_batch)[:8]))}"
             )
         return [requested] if global_batch // requested >= widest else []
-    valid = [d for d in _divisors(global_batch) if global_batch // d >= widest]
+    valid = [d for d in divisors(global_batch) if global_batch // d >= widest]
     if not valid:
         return []
     targets = [1, num_stages, 2 * num_stages, 4 * num_stages, 8 * num_stages]
