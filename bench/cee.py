@@ -1,14 +1,16 @@
 """CEE benchmark: SpanTrain's plan against the baselines, measured on the emulated testbed.
 
 Role: the measured counterpart of ``bench/planner.py``. For scaled-down versions of the paper's
-two environments and a mixed CPU/ARM-like edge cluster it brings up ``bench.testbed`` (network
-namespaces, token-bucket links, cgroup CPU quotas; root needed), first measures each kind of
-device alone (1-device worker runs, quotas on) and feeds the measured effective FLOP/s and
-per-layer overhead into the planner's cluster description, then trains the same model with the
-same seed and global batch under SpanTrain's plan and each baseline, with the real worker
-(``python -m spantrain_worker.worker``, one process per rank, each in its device's namespace
-and cgroup). Quotas are lifted while processes start (``enforce_compute(False)``) and enforced
-from the end of the first step on; warm-up steps are excluded from the measurement.
+two environments (the paper's 15 devices on 7 nodes) and a mixed CPU/ARM-like edge cluster it
+brings up ``spantrain_testbed`` (network namespaces, token-bucket links, cgroup CPU quotas; root
+needed), first measures each kind of device alone (1-device worker runs, quotas on, at most one
+core of quota busy at once) and feeds the measured effective FLOP/s and per-layer overhead into
+the planner's cluster description, then trains the same model with the same seed and global
+batch under SpanTrain's plan and each baseline, with the real worker (``python -m
+spantrain_worker.worker``, one process per rank, each in its device's namespace and cgroup) —
+and PyTorch's own ``torch.distributed.pipelining`` 1F1B (``bench/torch_pipe.py``) on the even
+split. Quotas are lifted while a run's processes import torch and enforced from the end of its
+first step on; warm-up steps are excluded from the measurement.
 
 Scaling (stated in the results): every link's bandwidth = the paper's bandwidth x (the local
 device's measured effective FLOP/s / 20 TFLOP/s, an RTX 3090), so per-sample transfer time /
@@ -30,6 +32,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.testbed import Testbed  # noqa: E402
+from bench import torch_pipe  # noqa: E402
 
 from spantrain_planner.baselines import run_baselines  # noqa: E402
 from spantrain_planner.cluster import ClusterSpec, Topology, resolve  # noqa: E402
@@ -51,6 +54,7 @@ from spantrain_planner.plan import Plan  # noqa: E402
 from spantrain_planner.profiles import ModelProfile, build_profile  # noqa: E402
 from spantrain_planner.report import table  # noqa: E402
 from spantrain_planner.search import search  # noqa: E402
+from spantrain_testbed import Testbed  # noqa: E402
 
 PY = sys.executable
 RESULTS = ROOT / "bench" / "results"
@@ -58,12 +62,13 @@ PAPER_DEVICE_FLOPS = 20e12  # RTX 3090, sustained dense fp32 training (examples/
 T4_FLOPS = 6e12  # mixed-edge.yaml's reference device
 MIN_SHAPE_BPS = 200e3  # below this a token bucket is not a sensible link
 INSTANCE = 171
-MODEL = ("resnet", "resnet-cee",
-         {"block": "basic", "stageBlocks": [1, 1, 1], "width": 16, "imageSize": 16,
-          "numClasses": 10})
-CALIB_BATCH = (192, 64)  # steps well above the 100 ms CFS period
+# a GPT-2-shaped decoder scaled down (the paper trains GPT-2, BERT-small, ResNets): 8 blocks
+# of width 128 over 32 byte tokens, 321 MFLOP per sample (fwd+bwd)
+MODEL = ("gpt", "gpt-cee",
+         {"numLayers": 8, "dModel": 128, "numHeads": 4, "seqLen": 32, "vocabSize": 256})
 BASELINES = ("dp-all", "gpipe-even", "1f1b-even", "asteroid", "dp-best-group")
-GENERAL = ("dp-all", "gpipe-even", "1f1b-even")
+TORCH = "torch-1f1b-even"  # torch.distributed.pipelining on 1f1b-even's devices and split
+GENERAL = ("dp-all", "gpipe-even", "1f1b-even", TORCH)
 
 
 @dataclass(frozen=True)
@@ -84,22 +89,23 @@ class EnvDef:
     note: str
 
 
-CORES8 = 1.8 / 8
-ENV_NODES = (
-    NodeDef("cloud-0", "cloud", CORES8, 2), NodeDef("cloud-1", "cloud", CORES8, 2),
-    NodeDef("edge-0", "edge", CORES8, 2),
-    NodeDef("end-0", "end", CORES8), NodeDef("end-1", "end", CORES8),
+CORES = 1.8 / 15  # the paper's 15 GPUs share the testbed's 1.8-core budget equally
+ENV_NODES = (  # the paper's testbed, node for node: 2 cloud x 4 GPUs, 2 edge x 2, 3 end x 1
+    NodeDef("cloud-0", "cloud", CORES, 4), NodeDef("cloud-1", "cloud", CORES, 4),
+    NodeDef("edge-0", "edge", CORES, 2), NodeDef("edge-1", "edge", CORES, 2),
+    NodeDef("end-0", "end", CORES), NodeDef("end-1", "end", CORES),
+    NodeDef("end-2", "end", CORES),
 )
 LAN = (("cloud", "cloud", 10_000.0), ("edge", "edge", 1000.0), ("edge", "end", 1000.0),
        ("end", "end", 1000.0))
 ENVS = {
     "env1": EnvDef("env1", ENV_NODES, (*LAN, ("cloud", "edge", 100.0), ("cloud", "end", 100.0)),
                    PAPER_DEVICE_FLOPS,
-                   "paper env1 scaled down: 2 cloud nodes x 2 devices, 1 edge node x 2, 2 end x 1;"
-                   " cloud<->edge/end 100 Mbit/s, cloud<->cloud 10 GbE, others 1 GbE (scaled)"),
+                   "paper env1: 2 cloud nodes x 4 devices, 2 edge x 2, 3 end x 1; cloud<->edge/end"
+                   " 100 Mbit/s, cloud<->cloud 10 GbE, others 1 GbE, in node 100 Gbit/s (scaled)"),
     "env2": EnvDef("env2", ENV_NODES, (*LAN, ("cloud", "edge", 1000.0), ("cloud", "end", 1000.0)),
                    PAPER_DEVICE_FLOPS,
-                   "paper env2 scaled down: same devices, every inter-tier link 1 GbE (scaled)"),
+                   "paper env2: same devices, every inter-tier link 1 GbE (scaled)"),
     "mixed": EnvDef(
         "mixed",
         (NodeDef("edge-gpu", "edge", 0.6, 1, 1000.0),
@@ -185,56 +191,79 @@ def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
 _PORT = [29611]
 
 
-def run_workers(tb: Testbed, plan: Plan, steps: int, warmup: int, timeout: float,
-                out: Path) -> tuple[str, list[float]]:
-    """Train ``steps`` steps of ``plan``; returns (status, measured step seconds)."""
-    return run_many(tb, [(plan, out)], steps, warmup, timeout)[0]
+Launch = list[tuple[int, list[str], dict[str, str]]]  # (device index, argv, env) per rank
+
+
+def worker_launch(tb: Testbed, plan: Plan, out: Path, steps: int, timeout: float) -> Launch:
+    """SpanTrain's worker, one process per rank of ``plan``; losses to ``out/losses.jsonl``."""
+    (out / "plan.json").write_text(plan.to_json())
+    (out / "training.json").write_text(json.dumps({
+        "steps": steps, "warmupSteps": 0, "seed": 0, "logIntervalSteps": 1,
+        "learningRate": 1e-3}))
+    by_rank = {d.rank: d.device_id for st in plan.stages for d in st.devices}
+    _PORT[0] += 1
+    base = {
+        "MASTER_ADDR": tb.address(by_rank[0]), "MASTER_PORT": str(_PORT[0]),
+        "WORLD_SIZE": str(plan.world_size), "SPANTRAIN_PLAN": str(out / "plan.json"),
+        "SPANTRAIN_TRAINING": str(out / "training.json"),
+        "SPANTRAIN_OUTPUT_DIR": str(out), "SPANTRAIN_METRICS_PORT": "0",
+        "SPANTRAIN_DEVICE": "cpu", "SPANTRAIN_JOB": plan.strategy,
+        "SPANTRAIN_RENDEZVOUS_TIMEOUT": str(int(timeout)),
+        "SPANTRAIN_TIMELINE_STEPS": "-1",
+    }
+    return [(by_rank[rank], [PY, "-m", "spantrain_worker.worker"],
+             dict(base, RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank in range(plan.world_size)]
+
+
+def torch_launch(tb: Testbed, plan: Plan, out: Path, steps: int, timeout: float) -> Launch:
+    """``torch.distributed.pipelining`` (bench/torch_pipe.py) on the devices of an even
+    one-device-per-stage plan, with that plan's layer bounds and micro-batch count."""
+    devices = [st.devices[0].device_id for st in plan.stages]
+    bounds = [plan.stages[0].layer_start] + [st.layer_end for st in plan.stages]
+    _PORT[0] += 1
+    commands = torch_pipe.rank_commands(
+        {"family": MODEL[0], "name": MODEL[1], "config": MODEL[2]},
+        [tb.address(d) for d in devices], _PORT[0], plan.global_batch, plan.num_microbatches,
+        steps, out / "losses.jsonl", schedule="1f1b", seed=0, bounds=bounds,
+        training={"steps": steps, "warmupSteps": 0, "seed": 0, "learningRate": 1e-3},
+        timeout=timeout)
+    return [(d, argv, env) for d, (argv, env) in zip(devices, commands, strict=True)]
 
 
 def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int,
-             timeout: float) -> list[tuple[str, list[float]]]:
+             timeout: float, torch: bool = False) -> list[tuple[str, list[float]]]:
     """Train several plans at once (on disjoint devices); quotas are lifted while they start
-    and enforced once every job has finished step 0."""
+    and enforced once every job has finished step 0. ``torch``: run them with
+    ``torch.distributed.pipelining`` instead of SpanTrain's worker."""
     tb.enforce_compute(False)
     started: list[tuple[list[subprocess.Popen[bytes]], Path]] = []
+    devices: list[list[int]] = []
     statuses: list[str] = []
+    launch = torch_launch if torch else worker_launch
     try:
         for plan, out in jobs:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "plan.json").write_text(plan.to_json())
-            (out / "training.json").write_text(json.dumps({
-                "steps": steps, "warmupSteps": 0, "seed": 0, "logIntervalSteps": 1,
-                "learningRate": 1e-3}))
             losses = out / "losses.jsonl"
             losses.unlink(missing_ok=True)
-            by_rank = {d.rank: d.device_id for st in plan.stages for d in st.devices}
-            _PORT[0] += 1
-            base = {
-                "MASTER_ADDR": tb.address(by_rank[0]), "MASTER_PORT": str(_PORT[0]),
-                "WORLD_SIZE": str(plan.world_size), "SPANTRAIN_PLAN": str(out / "plan.json"),
-                "SPANTRAIN_TRAINING": str(out / "training.json"),
-                "SPANTRAIN_OUTPUT_DIR": str(out), "SPANTRAIN_METRICS_PORT": "0",
-                "SPANTRAIN_DEVICE": "cpu", "SPANTRAIN_JOB": plan.strategy,
-                "SPANTRAIN_RENDEZVOUS_TIMEOUT": str(int(timeout)),
-                "SPANTRAIN_TIMELINE_STEPS": "-1",
-            }
             procs: list[subprocess.Popen[bytes]] = []
             started.append((procs, losses))
-            for rank in range(plan.world_size):
-                env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            ranks = launch(tb, plan, out, steps, timeout)
+            devices.append([device for device, _, _ in ranks])
+            for rank, (device, argv, env) in enumerate(ranks):
                 with (out / f"rank{rank}.log").open("wb") as log:
-                    procs.append(tb.run(by_rank[rank], [PY, "-m", "spantrain_worker.worker"],
-                                        env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT))
+                    procs.append(tb.run(device, argv, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=ROOT))
         statuses = ["timeout"] * len(started)
-        enforced = False
+        enforced = [False] * len(started)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and "timeout" in statuses:
-            if not enforced and all(  # step 0 done everywhere: measure under the quotas
-                    s != "timeout" or (lo.exists() and lo.read_text().strip())
-                    for s, (_, lo) in zip(statuses, started, strict=True)):
-                tb.enforce_compute(True)
-                enforced = True
+            for k, (_, lo) in enumerate(started):
+                # this job's step 0 is done: its devices compute under their quotas from now
+                # on (jobs started together do not finish importing torch together)
+                if not enforced[k] and lo.exists() and lo.read_text().strip():
+                    tb.enforce_compute(True, devices[k])
+                    enforced[k] = True
             for k, (procs, _) in enumerate(started):
                 if statuses[k] != "timeout":
                     continue
@@ -260,12 +289,23 @@ def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int
     return results
 
 
+CALIB_RUNS = ((16, 1), (4, 1), (8, 8))  # (batch, micro-batches) per kind of device
+# quotas take hold during step 1; step times settle over the next few (measured: 8x8 creeps
+# up ~20 % over steps 1-5), so the median of steps 5-9 is taken
+CALIB_STEPS, CALIB_WARMUP = 10, 5
+CALIB_WAVE_CORES = 1.0
+
+
 def calibrate(env: EnvDef, prof: ModelProfile, work: Path, steps: int) -> dict[str, Any]:
     """Each kind of device alone (quotas on): effective FLOP/s, per-layer overhead, samples/s.
 
-    Two 1-device worker runs per kind, at batch 192 and 64, at the same time on two devices of
-    that kind (kinds with one device run the small batch afterwards). Step time = a + b·batch:
-    b gives the effective FLOP/s, a (optimizer, dispatch) the per-layer overhead.
+    Three 1-device 1F1B runs per kind (``CALIB_RUNS``), concurrently on devices of that kind
+    where it has several: step time = c + batch * s + microbatches * k. ``s`` gives the
+    effective FLOP/s (FLOPs per sample / s); ``k`` is what one more micro-batch costs beyond
+    its FLOPs — a forward and a backward pass over every layer — so the per-layer, per-pass
+    overhead the planner's cost model takes is k / (2 * layers). Micro-batches as small as
+    the plans use are part of the fit, so dispatch-bound small matmuls are measured, not
+    extrapolated.
     """
     placeholder = {n.cores: 1.0 for n in env.nodes}
     topo = resolve(cluster_spec(env, placeholder, {c: 0.0 for c in placeholder}, 1e-3))
@@ -274,41 +314,44 @@ def calibrate(env: EnvDef, prof: ModelProfile, work: Path, steps: int) -> dict[s
     for dev, core in zip(topo.devices, [c.flops / 1e12 for c in tb_topo.devices], strict=True):
         kinds.setdefault(core, []).append(dev.index)
     fps = flops_per_sample(prof)
-    jobs: list[list[tuple[float, int, int]]] = [[], []]
-    for core, idx in kinds.items():
-        jobs[0].append((core, idx[0], CALIB_BATCH[0]))
-        if len(idx) > 1:
-            jobs[0].append((core, idx[1], CALIB_BATCH[1]))
-        else:
-            jobs[1].append((core, idx[0], CALIB_BATCH[1]))
-    times: dict[tuple[float, int], float] = {}
+    # runs of a wave share the machine: at most CALIB_WAVE_CORES of quota at once (a full
+    # machine slows every process down — measured 1.5-2x per sample on 2 cores — and a
+    # device alone is what is being measured), each device at most once per wave
+    waves: dict[int, list[tuple[float, int, int, int]]] = {}
+    for core, idx in sorted(kinds.items(), reverse=True):
+        for k, (batch, micro) in enumerate(CALIB_RUNS):
+            dev = idx[k % len(idx)]
+            w = 0
+            while (any(d == dev for _, d, _, _ in waves.get(w, []))
+                   or (waves.get(w) and sum(c for c, *_ in waves[w]) + core > CALIB_WAVE_CORES)):
+                w += 1
+            waves.setdefault(w, []).append((core, dev, batch, micro))
+    times: dict[tuple[float, int, int], float] = {}
     with Testbed(tb_topo, instance=INSTANCE, cores_per_tflops=1.0) as tb:
-        for wave in jobs:
-            if not wave:
-                continue
+        for _, wave in sorted(waves.items()):
             wave_jobs = []
-            for _core, index, batch in wave:
-                plan, _ = search(topo.subset([index]), prof,
-                                 PlannerOptions(global_batch=batch, num_microbatches=1))
-                wave_jobs.append((plan, work / f"calib-{index}-{batch}"))
-            for (core, index, batch), (status, measured) in zip(
-                    wave, run_many(tb, wave_jobs, steps, 3, 240), strict=True):
+            for _core, index, batch, micro in wave:
+                plan, _ = search(topo.subset([index]), prof, PlannerOptions(
+                    global_batch=batch, num_microbatches=micro, schedule="1f1b"))
+                wave_jobs.append((plan, work / f"calib-{env.name}-d{index}-{batch}x{micro}"))
+            for (core, index, batch, micro), (status, measured) in zip(
+                    wave, run_many(tb, wave_jobs, steps, CALIB_WARMUP, 240), strict=True):
                 if not measured:
                     raise RuntimeError(f"calibration of device {index} failed: {status}")
-                times[(core, batch)] = sum(measured) / len(measured)
-    big, small = CALIB_BATCH
+                times[(core, batch, micro)] = statistics.median(measured)
+    (b1, m1), (b2, m2), (b3, m3) = CALIB_RUNS
     tflops: dict[float, float] = {}
     overhead: dict[float, float] = {}
     alone: dict[float, float] = {}
     for core in kinds:
-        t_big, t_small = times[(core, big)], times[(core, small)]
-        slope = max((t_big - t_small) / (big - small), 1e-9)
-        intercept = max(t_big - slope * big, 0.0)
+        t1, t2, t3 = (times[(core, b, m)] for b, m in CALIB_RUNS)
+        slope = max((t1 - t2) / (b1 - b2), 1e-9)
+        per_micro = max((t3 - t2 - (b3 - b2) * slope) / (m3 - m2), 0.0)
         tflops[core] = fps / slope / 1e12
-        overhead[core] = intercept / (prof.num_layers * 3) * 1e6
-        alone[core] = big / t_big
+        overhead[core] = per_micro / (2 * prof.num_layers) * 1e6
+        alone[core] = b1 / t1
     return {"tflops": tflops, "overhead_us": overhead, "alone": alone, "kinds": kinds,
-            "times": {f"{c}@{b}": t for (c, b), t in times.items()}}
+            "times": {f"{c}@{b}x{m}": t for (c, b, m), t in times.items()}}
 
 
 def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argparse.Namespace,
@@ -326,6 +369,9 @@ def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argpar
     for name, found in run_baselines(topo, prof, options, names=BASELINES).items():
         candidates.append((name, found[0] if found else None, found[1].step_seconds
                            if found else None))
+        if name == "1f1b-even":  # PyTorch's own 1F1B runs the same even split
+            candidates.append((TORCH, found[0] if found else None, found[1].step_seconds
+                               if found else None))
     finite = [b for row in topo.bandwidth for b in row if b != float("inf")]
     info = {"scale": scale, "min_link_bps": min(finite) * 8, "max_link_bps": max(finite) * 8,
             "sum_alone": sum_alone, "batch": batch, "spec": spec}
@@ -342,8 +388,8 @@ def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argpar
                 res.status = f"> timeout (predicted {predicted:.1f} s/step, not started)"
                 res.upper_bound = batch / budget
             else:
-                status, measured = run_workers(tb, cand, args.steps, args.warmup, budget,
-                                               work / env.name / name)
+                status, measured = run_many(tb, [(cand, work / env.name / name)], args.steps,
+                                            args.warmup, budget, torch=name == TORCH)[0]
                 if measured:
                     res.step_seconds = sum(measured) / len(measured)
                     res.samples_per_second = batch / res.step_seconds
@@ -362,6 +408,13 @@ def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argpar
 def same_plan(a: Plan, b: Plan) -> bool:
     keys = ("schedule", "num_microbatches", "stages")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def layout(plan: Plan) -> tuple[Any, ...]:
+    """A plan without its schedule: micro-batches, and each stage's layers and devices."""
+    return (plan.num_microbatches, tuple(
+        (st.layer_start, st.layer_end, tuple(d.device_id for d in st.devices))
+        for st in plan.stages))
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -410,11 +463,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, < 10 minutes")
     parser.add_argument("--envs", default="env1,env2,mixed")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32,
+                        help="global batch (the paper starts at 32)")
     args = parser.parse_args()
-    args.steps = 6 if args.quick else 10
-    args.warmup = 3
-    args.timeout = 45.0 if args.quick else 180.0
+    args.steps = 12 if args.quick else 30
+    args.warmup = 4
+    args.timeout = 60.0 if args.quick else 240.0
     args.startup = 15.0
     if os.geteuid() != 0:
         print("bench/cee.py needs root (the testbed)", file=sys.stderr)
@@ -431,7 +485,7 @@ def main() -> int:
             key = "paper" if env.name in ("env1", "env2") else env.name
             if key not in cals:
                 print(f"calibrating {key} devices alone ...", flush=True)
-                cals[key] = calibrate(env, prof, work, 5)
+                cals[key] = calibrate(env, prof, work, CALIB_STEPS)
                 print(f"  {json.dumps({k: v for k, v in cals[key].items() if k != 'kinds'})}",
                       flush=True)
             print(f"{env.name}: {env.note}", flush=True)
@@ -454,14 +508,18 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
         f"{prof.param_bytes / 1e3:.0f} kB parameters; global batch {args.batch}, seed 0, "
         f"{args.steps} steps per run, the first {args.warmup} excluded (quotas lifted during "
         f"start-up, enforced from the end of step 0); per-run timeout {args.timeout:.0f} s.",
-        "Compute: cgroup CPU quotas, 1 thread per device; device speeds and per-layer overhead "
-        "measured alone (1-device worker runs at batch 192 and 64) and given to the planner.",
+        "Compute: cgroup CPU quotas (5 ms CFS periods), 1 thread per device; device speeds "
+        "and per-micro-batch overhead measured alone (1-device 1F1B worker runs at batch x "
+        f"micro-batches {', '.join(f'{b}x{m}' for b, m in CALIB_RUNS)}) and given to the "
+        "planner.",
         "Links: htb/tbf token buckets; bandwidth = paper bandwidth x (local device measured "
         "FLOP/s / reference device FLOP/s). Latency is NOT emulated (no netem in this kernel); "
         "the planner is told 0 ms.",
-        "Utilisation = measured samples/s / sum over devices of samples/s alone (batch 192).",
-        "torch.distributed.pipelining 1F1B: NOT run (not adapted to the namespaces within the "
-        "time box; bench/worker.py hard-codes 127.0.0.1).",
+        "Utilisation = measured samples/s / sum over devices of samples/s alone (batch "
+        f"{CALIB_RUNS[0][0]}, one micro-batch).",
+        f"{TORCH}: PyTorch's torch.distributed.pipelining Schedule1F1B (bench/torch_pipe.py) on "
+        "1f1b-even's devices, layer split and micro-batch count; its predicted step is the "
+        "simulator's for that plan.",
         "",
     ]
     for key, cal in cals.items():
@@ -492,6 +550,9 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
             if (r is not ours and r.plan is not None and ours.plan is not None
                     and same_plan(r.plan, ours.plan)):
                 status += "; same plan as spantrain"
+            elif (r is not ours and r.plan is not None and ours.plan is not None
+                    and layout(r.plan) == layout(ours.plan)):
+                status += f"; spantrain's stages, {r.plan.schedule}"
             rows.append([env, r.name, r.devices, shown, fmt(r.step_seconds),
                          fmt(r.predicted_step), fmt(sim_err), fmt(r.utilization, 3),
                          fmt(vs), status])
@@ -527,9 +588,9 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
         "Ratios use, for a baseline that timed out, its upper bound (batch / timeout), so they "
         "are lower bounds on SpanTrain's advantage over it. best_baseline_utilization counts "
         "only baselines that finished (0 if none did).",
-        "This machine's 2 cores are shared with other users' jobs: run-to-run noise is "
-        "large; rows marked 'same plan as spantrain' ran the identical plan, so their "
-        "difference from SpanTrain's row is measurement noise, not a planning effect.",
+        "Run-to-run noise on this 2-core machine is about +-15 % per row (the same plan measured "
+        "in successive runs); rows marked 'same plan as spantrain' ran the identical plan, so "
+        "their difference from SpanTrain's row is that noise, not a planning effect.",
         f"Wall time {elapsed:.0f} s; worker logs under {work}.",
     ]
     last = " ".join(f"{k}={fmt(v, 3) if v is not None else 'nan'}" for k, v in figures.items())

@@ -24,7 +24,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -292,10 +292,15 @@ class Testbed:
             time.sleep(0.002)
         return proc
 
-    def enforce_compute(self, enforced: bool = True) -> None:
+    def enforce_compute(
+        self, enforced: bool = True, devices: Iterable[int | str] | None = None
+    ) -> None:
         """Switch the per-device CPU quotas on (default) or off (all devices together still
-        within ``budget_cores``); measure only while they are on."""
-        cgroups.set_limits(self.instance, self.quotas, enforced)
+        within ``budget_cores``) for ``devices`` (default: all); measure only while they are
+        on."""
+        chosen = (self.quotas if devices is None
+                  else [self.quotas[self.device_index(d)] for d in devices])
+        cgroups.set_limits(self.instance, chosen, enforced)
 
     # -- reporting -----------------------------------------------------------------------
 
