@@ -12,9 +12,17 @@ and PyTorch's own ``torch.distributed.pipelining`` 1F1B (``bench/torch_pipe.py``
 split. Quotas are lifted while a run's processes import torch and enforced from the end of its
 first step on; warm-up steps are excluded from the measurement.
 
-Scaling (stated in the results): every link's bandwidth = the paper's bandwidth x (the local
-device's measured effective FLOP/s / 20 TFLOP/s, an RTX 3090), so per-sample transfer time /
-per-sample compute time equals the paper testbed's for this model. A run whose predicted step
+Scaling (stated in the results): the paper trains GPT-2 small on RTX 3090s (20 TFLOP/s) over
+100 Mbit/s–10 GbE links; this machine trains a GPT-2-shaped model 1300x smaller on 0.12-core
+devices. Every link's bandwidth = the paper's bandwidth x (local device's measured FLOP/s /
+20 TFLOP/s) x (this model's activation bytes per FLOP / GPT-2 small's), so a sample's transfer
+time over any link divided by its compute time on a device is what it is for GPT-2 small on the
+paper's testbed. The model's sequence length (64) is chosen so that its gradient bytes per FLOP
+match GPT-2 small's under the same scale too, so data parallelism's all-reduce keeps the paper's
+proportion as well (both ratios are printed with the results). Scaling by FLOP/s alone would
+keep the proportions of *this* small model on the paper's testbed instead — 14x less compute
+per activation byte than GPT-2 small, so every link but the in-node one would be unusable and
+each planner would be left with one node. A run whose predicted step
 does not fit its timeout is not started and is reported as "> timeout" (an upper bound on its
 samples/s: global batch / timeout); a run that starts and does not finish is reported the same.
 
@@ -51,10 +59,10 @@ from spantrain_planner.baselines import run_baselines  # noqa: E402
 from spantrain_planner.cluster import ClusterSpec, Topology, resolve  # noqa: E402
 from spantrain_planner.options import PlannerOptions  # noqa: E402
 from spantrain_planner.plan import Plan  # noqa: E402
-from spantrain_planner.profiles import ModelProfile, build_profile  # noqa: E402
+from spantrain_planner.profiles import ModelProfile, build_profile, preset  # noqa: E402
 from spantrain_planner.report import table  # noqa: E402
 from spantrain_planner.search import search  # noqa: E402
-from spantrain_testbed import Testbed  # noqa: E402
+from spantrain_testbed import StartupGate, Testbed  # noqa: E402
 
 PY = sys.executable
 RESULTS = ROOT / "bench" / "results"
@@ -63,9 +71,10 @@ T4_FLOPS = 6e12  # mixed-edge.yaml's reference device
 MIN_SHAPE_BPS = 200e3  # below this a token bucket is not a sensible link
 INSTANCE = 171
 # a GPT-2-shaped decoder scaled down (the paper trains GPT-2, BERT-small, ResNets): 8 blocks
-# of width 128 over 32 byte tokens, 321 MFLOP per sample (fwd+bwd)
+# of width 128 over 64 byte tokens, 667 MFLOP per sample (fwd+bwd)
 MODEL = ("gpt", "gpt-cee",
-         {"numLayers": 8, "dModel": 128, "numHeads": 4, "seqLen": 32, "vocabSize": 256})
+         {"numLayers": 8, "dModel": 128, "numHeads": 4, "seqLen": 64, "vocabSize": 256})
+REFERENCE_MODEL = "gpt2-small"  # the paper's workload whose proportions the links keep
 BASELINES = ("dp-all", "gpipe-even", "1f1b-even", "asteroid", "dp-best-group")
 TORCH = "torch-1f1b-even"  # torch.distributed.pipelining on 1f1b-even's devices and split
 GENERAL = ("dp-all", "gpipe-even", "1f1b-even", TORCH)
@@ -115,7 +124,7 @@ ENVS = {
          NodeDef("rpi-1", "end", 0.05, 1, 100.0)),
         (), T4_FLOPS,
         "mixed-edge.yaml with compressed speed ratios (0.6/0.25/0.3/0.05 cores); uplinks "
-        "1000/300/100 Mbit/s scaled by edge-gpu's measured FLOP/s / 6 TFLOP/s (T4)"),
+        "1000/300/100 Mbit/s scaled as env1's, edge-gpu against a T4 (6 TFLOP/s)"),
 }
 
 
@@ -144,6 +153,26 @@ def profile() -> ModelProfile:
 def flops_per_sample(prof: ModelProfile) -> float:
     return sum(layer.forward_flops + layer.backward_input_flops + layer.backward_weight_flops
                for layer in prof.layers)
+
+
+def activation_bytes(prof: ModelProfile) -> float:
+    """Bytes a sample sends across a stage boundary (the widest boundary but the last)."""
+    return float(max(layer.output_bytes for layer in prof.layers[:-1]))
+
+
+def proportions(prof: ModelProfile) -> dict[str, float]:
+    """How this model's bytes per FLOP compare with the paper's workload's.
+
+    ``activation``: the factor links are scaled by beyond FLOP/s (activation bytes per FLOP,
+    GPT-2 small's / this model's, inverted so that > 1 means faster links here); ``gradient``:
+    this model's gradient bytes per FLOP relative to GPT-2 small's, once the links are scaled
+    by ``activation`` (1.0: all-reduce takes the paper's share of a step).
+    """
+    ref = preset(REFERENCE_MODEL)
+    act = (activation_bytes(prof) / flops_per_sample(prof)) / (
+        activation_bytes(ref) / flops_per_sample(ref))
+    grad = (prof.param_bytes / flops_per_sample(prof)) / (ref.param_bytes / flops_per_sample(ref))
+    return {"activation": act, "gradient": grad / act}
 
 
 def testbed_topology(env: EnvDef, planner_topo: Topology) -> Topology:
@@ -191,7 +220,7 @@ def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
 _PORT = [29611]
 
 
-Launch = list[tuple[int, list[str], dict[str, str]]]  # (device index, argv, env) per rank
+Launch = list[tuple[int | str, list[str], dict[str, str]]]  # (device, argv, env) per rank
 
 
 def worker_launch(tb: Testbed, plan: Plan, out: Path, steps: int, timeout: float) -> Launch:
@@ -236,9 +265,8 @@ def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int
     """Train several plans at once (on disjoint devices); quotas are lifted while they start
     and enforced once every job has finished step 0. ``torch``: run them with
     ``torch.distributed.pipelining`` instead of SpanTrain's worker."""
-    tb.enforce_compute(False)
     started: list[tuple[list[subprocess.Popen[bytes]], Path]] = []
-    devices: list[list[int]] = []
+    gates: list[StartupGate] = []
     statuses: list[str] = []
     launch = torch_launch if torch else worker_launch
     try:
@@ -249,21 +277,18 @@ def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int
             procs: list[subprocess.Popen[bytes]] = []
             started.append((procs, losses))
             ranks = launch(tb, plan, out, steps, timeout)
-            devices.append([device for device, _, _ in ranks])
+            # jobs started together do not finish importing torch together: each job's
+            # devices compute under their quotas from the end of its own step 0 on
+            gates.append(tb.startup_gate(losses, [device for device, _, _ in ranks]))
             for rank, (device, argv, env) in enumerate(ranks):
                 with (out / f"rank{rank}.log").open("wb") as log:
                     procs.append(tb.run(device, argv, env=env, stdout=log,
                                         stderr=subprocess.STDOUT, cwd=ROOT))
         statuses = ["timeout"] * len(started)
-        enforced = [False] * len(started)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and "timeout" in statuses:
-            for k, (_, lo) in enumerate(started):
-                # this job's step 0 is done: its devices compute under their quotas from now
-                # on (jobs started together do not finish importing torch together)
-                if not enforced[k] and lo.exists() and lo.read_text().strip():
-                    tb.enforce_compute(True, devices[k])
-                    enforced[k] = True
+            for gate in gates:
+                gate.poll()
             for k, (procs, _) in enumerate(started):
                 if statuses[k] != "timeout":
                     continue
@@ -277,7 +302,8 @@ def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int
     finally:
         for procs, _ in started:
             _kill(procs)
-        tb.enforce_compute(True)
+        for gate in gates:
+            gate.close()
     results = []
     for status, (_, losses) in zip(statuses, started, strict=True):
         text = losses.read_text() if losses.exists() else ""
@@ -289,17 +315,27 @@ def run_many(tb: Testbed, jobs: list[tuple[Plan, Path]], steps: int, warmup: int
     return results
 
 
+MIN_MEASURED = 3  # a run is started only if this many steps past warm-up fit its timeout
 CALIB_RUNS = ((16, 1), (4, 1), (8, 8))  # (batch, micro-batches) per kind of device
+# kinds slower than this many cores run CALIB_RUNS divided by a whole factor (0.05 cores:
+# 8x1, 2x1, 4x4), so that no calibration run takes much longer than the others
+CALIB_SLOW_CORES = 0.1
 # quotas take hold during step 1; step times settle over the next few (measured: 8x8 creeps
 # up ~20 % over steps 1-5), so the median of steps 5-9 is taken
 CALIB_STEPS, CALIB_WARMUP = 10, 5
 CALIB_WAVE_CORES = 1.0
 
 
+def calib_runs(core: float) -> tuple[tuple[int, int], ...]:
+    """The three (batch, micro-batches) calibration runs of a kind of device."""
+    f = max(1, round(CALIB_SLOW_CORES / core)) if core < CALIB_SLOW_CORES else 1
+    return tuple((b // f, max(1, m // f) if m > 1 else 1) for b, m in CALIB_RUNS)
+
+
 def calibrate(env: EnvDef, prof: ModelProfile, work: Path, steps: int) -> dict[str, Any]:
     """Each kind of device alone (quotas on): effective FLOP/s, per-layer overhead, samples/s.
 
-    Three 1-device 1F1B runs per kind (``CALIB_RUNS``), concurrently on devices of that kind
+    Three 1-device 1F1B runs per kind (``calib_runs``), concurrently on devices of that kind
     where it has several: step time = c + batch * s + microbatches * k. ``s`` gives the
     effective FLOP/s (FLOPs per sample / s); ``k`` is what one more micro-batch costs beyond
     its FLOPs — a forward and a backward pass over every layer — so the per-layer, per-pass
@@ -319,13 +355,13 @@ def calibrate(env: EnvDef, prof: ModelProfile, work: Path, steps: int) -> dict[s
     # device alone is what is being measured), each device at most once per wave
     waves: dict[int, list[tuple[float, int, int, int]]] = {}
     for core, idx in sorted(kinds.items(), reverse=True):
-        for k, (batch, micro) in enumerate(CALIB_RUNS):
-            dev = idx[k % len(idx)]
+        for k, (batch, micro) in enumerate(calib_runs(core)):
+            chosen = idx[k % len(idx)]
             w = 0
-            while (any(d == dev for _, d, _, _ in waves.get(w, []))
+            while (any(d == chosen for _, d, _, _ in waves.get(w, []))
                    or (waves.get(w) and sum(c for c, *_ in waves[w]) + core > CALIB_WAVE_CORES)):
                 w += 1
-            waves.setdefault(w, []).append((core, dev, batch, micro))
+            waves.setdefault(w, []).append((core, chosen, batch, micro))
     times: dict[tuple[float, int, int], float] = {}
     with Testbed(tb_topo, instance=INSTANCE, cores_per_tflops=1.0) as tb:
         for _, wave in sorted(waves.items()):
@@ -339,25 +375,52 @@ def calibrate(env: EnvDef, prof: ModelProfile, work: Path, steps: int) -> dict[s
                 if not measured:
                     raise RuntimeError(f"calibration of device {index} failed: {status}")
                 times[(core, batch, micro)] = statistics.median(measured)
-    (b1, m1), (b2, m2), (b3, m3) = CALIB_RUNS
     tflops: dict[float, float] = {}
     overhead: dict[float, float] = {}
     alone: dict[float, float] = {}
     for core in kinds:
-        t1, t2, t3 = (times[(core, b, m)] for b, m in CALIB_RUNS)
+        runs = calib_runs(core)
+        (b1, m1), (b2, m2), (b3, m3) = runs
+        t1, t2, t3 = (times[(core, b, m)] for b, m in runs)
         slope = max((t1 - t2) / (b1 - b2), 1e-9)
         per_micro = max((t3 - t2 - (b3 - b2) * slope) / (m3 - m2), 0.0)
         tflops[core] = fps / slope / 1e12
         overhead[core] = per_micro / (2 * prof.num_layers) * 1e6
-        alone[core] = b1 / t1
+        # samples/s alone at CALIB_RUNS[0] (batch 16, one micro-batch), from the fit
+        base = t2 - b2 * slope - m2 * per_micro
+        b0, m0 = CALIB_RUNS[0]
+        alone[core] = b0 / (base + b0 * slope + m0 * per_micro)
     return {"tflops": tflops, "overhead_us": overhead, "alone": alone, "kinds": kinds,
             "times": {f"{c}@{b}x{m}": t for (c, b, m), t in times.items()}}
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A run already measured in this benchmark: its plan, runner, links and result."""
+
+    env: str
+    plan: Plan
+    torch: bool
+    links: dict[tuple[str, str], float]
+    result: RunResult
+
+
+def plan_links(plan: Plan, topo: Topology) -> dict[tuple[str, str], float]:
+    """Bandwidth between every ordered pair of the plan's devices."""
+    ids = [d.device_id for st in plan.stages for d in st.devices]
+    index = {d.id: d.index for d in topo.devices}
+    return {(a, b): topo.bandwidth[index[a]][index[b]] for a in ids for b in ids if a != b}
+
+
 def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argparse.Namespace,
-              work: Path) -> tuple[list[RunResult], dict[str, Any]]:
+              work: Path, done: list[Measured]) -> tuple[list[RunResult], dict[str, Any]]:
+    """Plan and run SpanTrain and every baseline on ``env``. A plan that an earlier
+    environment of this run already measured on the same devices with the same bandwidth
+    between every pair of them (env2 changes only links such plans do not use) is the same
+    experiment: its row is that measurement, marked, not a second sample of it."""
     ref_core = max(cal["tflops"])  # the fastest kind stands for the paper's reference device
-    scale = cal["tflops"][ref_core] * 1e12 / env.reference_flops
+    scale = cal["tflops"][ref_core] * 1e12 / env.reference_flops * proportions(prof)[
+        "activation"]
     spec = cluster_spec(env, cal["tflops"], cal["overhead_us"], scale)
     topo = resolve(spec)
     sum_alone = sum(cal["alone"][n.cores] * n.count for n in env.nodes)
@@ -384,20 +447,28 @@ def bench_env(env: EnvDef, prof: ModelProfile, cal: dict[str, Any], args: argpar
                 results.append(res)
                 continue
             budget = args.timeout
-            if args.startup + predicted * args.steps > budget:
+            links = plan_links(cand, topo)
+            same = next((m for m in done if m.torch == (name == TORCH)
+                         and same_plan(m.plan, cand) and m.links == links), None)
+            if same is not None:
+                res = replace(same.result, name=name, predicted_step=predicted,
+                              status=f"{same.result.status}; = {same.env} (same plan, links)")
+            elif args.startup + predicted * (args.warmup + MIN_MEASURED) > budget:
+                # not even MIN_MEASURED steps would be measured before the timeout
                 res.status = f"> timeout (predicted {predicted:.1f} s/step, not started)"
                 res.upper_bound = batch / budget
             else:
                 status, measured = run_many(tb, [(cand, work / env.name / name)], args.steps,
                                             args.warmup, budget, torch=name == TORCH)[0]
                 if measured:
-                    res.step_seconds = sum(measured) / len(measured)
+                    res.step_seconds = statistics.median(measured)
                     res.samples_per_second = batch / res.step_seconds
                     res.utilization = res.samples_per_second / sum_alone
                     res.status = "ok" if status == "ok" else f"{status} ({len(measured)} steps)"
                 else:
                     res.status = ("> timeout" if status == "timeout" else status)
                     res.upper_bound = batch / budget
+                done.append(Measured(env.name, cand, name == TORCH, links, res))
             print(f"  {env.name} {name:14s} {res.status:12s} measured "
                   f"{fmt(res.samples_per_second)} samples/s, predicted step "
                   f"{fmt(predicted)} s", flush=True)
@@ -422,10 +493,10 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def ratio(ours: RunResult, others: list[RunResult]) -> float | None:
-    rates = [r.rate_for_ratio() for r in others if r.rate_for_ratio()]
+    rates = [rate for r in others if (rate := r.rate_for_ratio())]
     if not ours.samples_per_second or not rates:
         return None
-    return ours.samples_per_second / max(rates)  # type: ignore[type-var]
+    return ours.samples_per_second / max(rates)
 
 
 def chart(all_results: dict[str, list[RunResult]], path: Path) -> None:
@@ -466,9 +537,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32,
                         help="global batch (the paper starts at 32)")
     args = parser.parse_args()
-    args.steps = 12 if args.quick else 30
-    args.warmup = 4
-    args.timeout = 60.0 if args.quick else 240.0
+    args.steps = 10 if args.quick else 30
+    args.warmup = 3
+    args.timeout = 40.0 if args.quick else 240.0
     args.startup = 15.0
     if os.geteuid() != 0:
         print("bench/cee.py needs root (the testbed)", file=sys.stderr)
@@ -478,6 +549,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="spantrain-cee-"))
     envs = [ENVS[e] for e in args.envs.split(",")]
     cals: dict[str, dict[str, Any]] = {}
+    done: list[Measured] = []
     all_results: dict[str, list[RunResult]] = {}
     infos: dict[str, dict[str, Any]] = {}
     try:
@@ -489,7 +561,8 @@ def main() -> int:
                 print(f"  {json.dumps({k: v for k, v in cals[key].items() if k != 'kinds'})}",
                       flush=True)
             print(f"{env.name}: {env.note}", flush=True)
-            all_results[env.name], infos[env.name] = bench_env(env, prof, cals[key], args, work)
+            all_results[env.name], infos[env.name] = bench_env(env, prof, cals[key], args, work,
+                                                               done)
     except KeyboardInterrupt:
         print("interrupted (testbed torn down)", file=sys.stderr)
         return 130
@@ -499,6 +572,7 @@ def main() -> int:
 def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, Any]],
            cals: dict[str, dict[str, Any]], prof: ModelProfile, args: argparse.Namespace,
            elapsed: float, work: Path) -> int:
+    props = proportions(prof)
     header = [
         "# SpanTrain on the emulated CEE testbed (`bench/cee.py" + (" --quick" if args.quick
                                                                    else "") + "`)",
@@ -507,13 +581,19 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
         f"{flops_per_sample(prof) / 1e6:.1f} MFLOP/sample (fwd+bwd), "
         f"{prof.param_bytes / 1e3:.0f} kB parameters; global batch {args.batch}, seed 0, "
         f"{args.steps} steps per run, the first {args.warmup} excluded (quotas lifted during "
-        f"start-up, enforced from the end of step 0); per-run timeout {args.timeout:.0f} s.",
+        f"start-up, enforced from the end of step 0), step time = the median of the rest; "
+        f"per-run timeout {args.timeout:.0f} s (a run stopped by it reports the steps it "
+        f"finished: 'partial').",
         "Compute: cgroup CPU quotas (5 ms CFS periods), 1 thread per device; device speeds "
         "and per-micro-batch overhead measured alone (1-device 1F1B worker runs at batch x "
-        f"micro-batches {', '.join(f'{b}x{m}' for b, m in CALIB_RUNS)}) and given to the "
-        "planner.",
+        f"micro-batches {', '.join(f'{b}x{m}' for b, m in CALIB_RUNS)}, divided by a whole "
+        f"factor on kinds below {CALIB_SLOW_CORES} cores) and given to the planner.",
         "Links: htb/tbf token buckets; bandwidth = paper bandwidth x (local device measured "
-        "FLOP/s / reference device FLOP/s). Latency is NOT emulated (no netem in this kernel); "
+        "FLOP/s / reference device FLOP/s) x (this model's activation bytes per FLOP / "
+        f"{REFERENCE_MODEL}'s) = x {props['activation']:.2f} beyond FLOP/s, so per-sample "
+        "transfer time / per-sample compute time is the paper workload's on every link; "
+        f"gradient bytes per FLOP then come to {props['gradient']:.2f}x {REFERENCE_MODEL}'s "
+        "(all-reduce's share of a step). Latency is NOT emulated (no netem in this kernel); "
         "the planner is told 0 ms.",
         "Utilisation = measured samples/s / sum over devices of samples/s alone (batch "
         f"{CALIB_RUNS[0][0]}, one micro-batch).",
@@ -537,7 +617,7 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
                       f"{info['max_link_bps'] / 1e6:.2f} Mbit/s; sum alone "
                       f"{info['sum_alone']:.1f} samples/s")
     rows = []
-    for env, results in all_results.items():
+    for env_name, results in all_results.items():
         ours = results[0]
         for r in results:
             sim_err = (abs(r.predicted_step - r.step_seconds) / r.step_seconds
@@ -553,7 +633,7 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
             elif (r is not ours and r.plan is not None and ours.plan is not None
                     and layout(r.plan) == layout(ours.plan)):
                 status += f"; spantrain's stages, {r.plan.schedule}"
-            rows.append([env, r.name, r.devices, shown, fmt(r.step_seconds),
+            rows.append([env_name, r.name, r.devices, shown, fmt(r.step_seconds),
                          fmt(r.predicted_step), fmt(sim_err), fmt(r.utilization, 3),
                          fmt(vs), status])
     headers = ["env", "system", "devices", "samples/s", "step s", "predicted s", "sim err",
@@ -578,10 +658,10 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
                   if r.name != "spantrain" and r.utilization is not None]
     figures["best_baseline_utilization"] = max(base_utils) if base_utils else 0.0
     errs = []
-    for env in all_results:
-        ours = spantrain(env)
-        if ours and ours.step_seconds and ours.predicted_step:
-            errs.append(abs(ours.predicted_step - ours.step_seconds) / ours.step_seconds)
+    for env_name in all_results:
+        found = spantrain(env_name)
+        if found and found.step_seconds and found.predicted_step:
+            errs.append(abs(found.predicted_step - found.step_seconds) / found.step_seconds)
     figures["sim_error"] = max(errs) if errs else None
     notes = [
         "",

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from .cgroups import CpuQuota, plan_quotas
 from .netns import NetPlan, plan_network
-from .testbed import Testbed, TestbedError, sweep, sweep_all
+from .testbed import StartupGate, Testbed, TestbedError, sweep, sweep_all
 
 __all__ = [
     "CpuQuota",
     "NetPlan",
+    "StartupGate",
     "Testbed",
     "TestbedError",
     "plan_network",

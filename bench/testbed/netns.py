@@ -28,6 +28,11 @@ Bandwidth, as the planner models it (each ordered pair of nodes is its own link)
   below ``UNSHAPED_BITS_PER_SECOND`` (faster links are left alone: a veth on this machine is
   slower than that anyway).
 
+Packet size: every interface sends one TCP segment per packet; packets to a peer are half as
+large as the slower direction of its link carries in ``BURST_SECONDS`` (the token bucket's
+depth), between 1500 bytes and ``JUMBO_MTU`` (per-destination route MTUs), so slow links stay exact
+and faster ones do not burn the devices' CPU quotas on per-packet kernel work.
+
 Latency is NOT emulated: adding delay needs the ``netem`` qdisc, which this kernel lacks;
 ``tbf``/``htb`` only pace. The topology's latencies are recorded in the plan and reported.
 
@@ -40,8 +45,9 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spantrain_planner.cluster import Topology
 
@@ -54,13 +60,27 @@ UNSHAPED_BITS_PER_SECOND = 10e9
 #: Minimum token-bucket depth: a few MTU-sized packets. The bucket's depth is what a link
 #: delivers at once after an idle spell: with 128 KiB (two 64 KiB GSO super-packets) a scaled
 #: 20 Mbit/s link passed a 64 KB activation message in no time instead of 26 ms, so 1F1B's
-#: round trips came out free. Every device's interface caps GSO at one MTU instead
-#: (``GSO_MAX_SIZE``), so no super-packet needs a deep bucket.
+#: round trips came out free. Every device's interface therefore sends one segment per packet
+#: (``gso_max_segs 1``, no GSO super-packets), and packets to a peer are as large as two fit
+#: in its bucket (``pair_mtu``).
 MIN_BURST_BYTES = 8 * 1024
 #: Token-bucket depth as time at the link's rate (above the minimum).
 BURST_SECONDS = 0.002
-#: Largest segment TCP may hand the device interfaces (no GSO super-packets; see above).
-GSO_MAX_SIZE = 1500
+#: Smallest packet: on slow links small packets keep a shallow token bucket exact.
+STANDARD_MTU = 1500
+#: Largest packet (unshaped links, and links where it takes at most ``BURST_SECONDS``). Every
+#: packet costs the sending and the receiving device kernel CPU inside their CPU quota; at
+#: 1500 bytes a 4-device all-reduce of 3.3 MB at a scaled in-node rate took 2.5x longer under
+#: 0.12-core quotas than without them (measured: 500 vs 195 ms, the wire alone 102 ms), and a
+#: 0.25-core stage of a pipeline on 85 Mbit/s links computed 40 % slower than alone — an
+#: artefact of emulating GPU servers' DMA links and offloading NICs with a software network,
+#: which large packets remove (measured after: 101 ms, the wire's time).
+JUMBO_MTU = 65000
+#: Packets per token bucket at least: a packet (with its Ethernet header) must fit the bucket
+#: or ``tbf`` drops it, and two per bucket keep the flow smooth.
+PACKETS_PER_BUCKET = 2
+#: Rates at or above this use ``JUMBO_MTU``.
+JUMBO_MIN_BITS_PER_SECOND = JUMBO_MTU * 8 * PACKETS_PER_BUCKET / BURST_SECONDS
 #: Queue in front of a shaped class: this much time at the class's rate (min 256 KiB).
 QUEUE_SECONDS = 0.05
 MIN_QUEUE_BYTES = 256 * 1024
@@ -95,6 +115,10 @@ class DeviceNet:
     host_if: str  # in the root namespace, on the node bridge
     ns_if: str  # inside the namespace; GLOO_SOCKET_IFNAME
     address: str
+    #: MTU of the route to the rest of the instance's subnet (the most common of its peers'),
+    #: and per-peer exceptions (address, MTU); see ``pair_mtu``
+    subnet_mtu: int = STANDARD_MTU
+    route_mtus: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +240,7 @@ def plan_network(topology: Topology, instance: int, bandwidth_scale: float = 1.0
         )
         for device in topology.devices
     )
+    devices = tuple(_with_mtus(d, devices, topology, bandwidth_scale) for d in devices)
     members = [[d for d in devices if d.node_index == k] for k in range(len(nodes))]
     shaping: list[Shaping] = []
     for node in nodes:
@@ -253,6 +278,35 @@ def plan_network(topology: Topology, instance: int, bandwidth_scale: float = 1.0
     )
 
 
+def pair_mtu(rate_bits: int | None, back_bits: int | None) -> int:
+    """Packet size between two devices: a ``PACKETS_PER_BUCKET``-th of what the slower
+    direction carries in ``BURST_SECONDS`` (the token bucket's depth), within
+    ``STANDARD_MTU``..``JUMBO_MTU``; both ends use the same, so they agree on the MSS."""
+    rates = [r for r in (rate_bits, back_bits) if r is not None]
+    if not rates:
+        return JUMBO_MTU
+    fits = int(min(rates) * BURST_SECONDS / 8 / PACKETS_PER_BUCKET)
+    return max(STANDARD_MTU, min(JUMBO_MTU, fits))
+
+
+def _with_mtus(
+    dev: DeviceNet, devices: Sequence[DeviceNet], topology: Topology, scale: float
+) -> DeviceNet:
+    """``dev`` with its packet sizes: the most common one on the subnet route, exceptions per
+    peer (few routes where most links are alike)."""
+    i = dev.index
+    mtus = {
+        p.address: pair_mtu(_rate_bits(topology.bandwidth[i][p.index], scale),
+                            _rate_bits(topology.bandwidth[p.index][i], scale))
+        for p in devices
+        if p.index != i
+    }
+    counts = Counter(mtus.values())
+    subnet_mtu = max(counts, key=lambda m: (counts[m], -m)) if counts else STANDARD_MTU
+    exceptions = tuple((a, m) for a, m in mtus.items() if m != subnet_mtu)
+    return replace(dev, subnet_mtu=subnet_mtu, route_mtus=exceptions)
+
+
 def _tc(shaping: Shaping) -> list[str]:
     return ["tc"] if shaping.netns is None else ["tc", "-n", shaping.netns]
 
@@ -288,15 +342,18 @@ def shaping_commands(shaping: Shaping) -> list[list[str]]:
 
 def setup_commands(plan: NetPlan) -> list[list[str]]:
     """Every command that builds the instance, in order (pure)."""
+    # every interface carries jumbo packets; the routes decide which peers get them
+    mtu = ["mtu", str(JUMBO_MTU)]
     cmds: list[list[str]] = [
-        ["ip", "link", "add", plan.bridge, "type", "bridge"],
+        ["ip", "link", "add", plan.bridge, *mtu, "type", "bridge"],
         ["ip", "link", "set", plan.bridge, "up"],
     ]
     for node in plan.nodes:
         cmds += [
-            ["ip", "link", "add", node.bridge, "type", "bridge"],
+            ["ip", "link", "add", node.bridge, *mtu, "type", "bridge"],
             ["ip", "link", "set", node.bridge, "up"],
-            ["ip", "link", "add", node.uplink_if, "type", "veth", "peer", "name", node.trunk_if],
+            ["ip", "link", "add", node.uplink_if, *mtu, "type", "veth", "peer", "name",
+             node.trunk_if, *mtu],
             ["ip", "link", "set", node.uplink_if, "master", node.bridge, "up"],
             ["ip", "link", "set", node.trunk_if, "master", plan.bridge, "up"],
         ]
@@ -305,17 +362,23 @@ def setup_commands(plan: NetPlan) -> list[list[str]]:
         ns = ["ip", "-n", dev.netns]
         cmds += [
             ["ip", "netns", "add", dev.netns],
-            ["ip", "link", "add", dev.host_if, "type", "veth", "peer", "name", dev.ns_if,
-             "netns", dev.netns],
+            ["ip", "link", "add", dev.host_if, *mtu, "type", "veth", "peer", "name", dev.ns_if,
+             "netns", dev.netns, *mtu],
             ["ip", "link", "set", dev.host_if, "master", node.bridge, "up"],
             # gloo takes the interface's first address: make sure it is the IPv4 one
             ["ip", "netns", "exec", dev.netns, "sh", "-c",
              "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"],
             [*ns, "addr", "add", f"{dev.address}/24", "dev", dev.ns_if],
             [*ns, "link", "set", "lo", "up"],
-            [*ns, "link", "set", dev.ns_if, "gso_max_size", str(GSO_MAX_SIZE),
-             "gso_max_segs", "1"],
+            [*ns, "link", "set", dev.ns_if, "gso_max_segs", "1"],
             [*ns, "link", "set", dev.ns_if, "up"],
+            [*ns, "route", "replace", subnet(plan.instance), "dev", dev.ns_if, "proto", "kernel",
+             "scope", "link", "src", dev.address, "mtu", "lock", str(dev.subnet_mtu)],
+        ]
+        cmds += [
+            [*ns, "route", "add", f"{peer}/32", "dev", dev.ns_if, "src", dev.address,
+             "mtu", "lock", str(peer_mtu)]
+            for peer, peer_mtu in dev.route_mtus
         ]
     for shaping in plan.shaping:
         cmds += shaping_commands(shaping)

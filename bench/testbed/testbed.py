@@ -302,6 +302,13 @@ class Testbed:
                   else [self.quotas[self.device_index(d)] for d in devices])
         cgroups.set_limits(self.instance, chosen, enforced)
 
+    def startup_gate(
+        self, losses: Path, devices: Iterable[int | str] | None = None
+    ) -> StartupGate:
+        """Lift ``devices``' quotas (default: all) until a run writes its first row to
+        ``losses``; see ``StartupGate``."""
+        return StartupGate(self, losses, None if devices is None else tuple(devices))
+
     # -- reporting -----------------------------------------------------------------------
 
     def cpu_seconds(self, device: int | str) -> float:
@@ -373,6 +380,37 @@ class Testbed:
         )
         tb._up = True
         return tb
+
+
+@dataclass
+class StartupGate:
+    """CPU quotas lifted while a training run starts, enforced from its first step's end on.
+
+    Importing torch and meeting at the rendezvous take a 0.1-core device minutes, and nothing
+    of that is measured; step 0 is excluded from measurements anyway. Made lifted; ``poll()``
+    (call it every tick) enforces the quotas once ``losses`` holds a row — rank 0 writes it
+    when step 0 is done everywhere; ``close()`` enforces them whatever happened.
+    """
+
+    testbed: Testbed
+    losses: Path
+    devices: tuple[int | str, ...] | None = None
+    enforced: bool = False
+
+    def __post_init__(self) -> None:
+        self.testbed.enforce_compute(False, self.devices)
+
+    def poll(self) -> bool:
+        """Enforce once the first row is there; True from then on."""
+        if not self.enforced:
+            with contextlib.suppress(OSError):
+                if self.losses.read_text().strip():
+                    self.close()
+        return self.enforced
+
+    def close(self) -> None:
+        self.testbed.enforce_compute(True, self.devices)
+        self.enforced = True
 
 
 def status(instance: int | None = None) -> list[dict[str, Any]]:

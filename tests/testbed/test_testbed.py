@@ -39,7 +39,14 @@ from spantrain_testbed import (  # noqa: E402
     plan_quotas,
     sweep,
 )
-from spantrain_testbed.netns import leftovers  # noqa: E402
+from spantrain_testbed.netns import (  # noqa: E402
+    JUMBO_MIN_BITS_PER_SECOND,
+    JUMBO_MTU,
+    STANDARD_MTU,
+    leftovers,
+    pair_mtu,
+    setup_commands,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -48,7 +55,8 @@ MBIT = 1e6 / 8  # bytes/s per Mbit/s
 
 
 def three_devices() -> Topology:
-    """a -50- b, a -200- c, b -50- c (Mbit/s); c is twice as fast as a and b."""
+    """a -50- b, a -400- c, b -50- c (Mbit/s); c is twice as fast as a and b. a-c is fast
+    enough for jumbo packets, the others carry standard ones."""
     spec = ClusterSpec.model_validate({
         "name": "tb3",
         "nodes": [
@@ -58,7 +66,7 @@ def three_devices() -> Topology:
         ],
         "links": {"matrix": [
             {"a": "a", "b": "b", "bandwidthMbps": 50},
-            {"a": "a", "b": "c", "bandwidthMbps": 200},
+            {"a": "a", "b": "c", "bandwidthMbps": 400},
             {"a": "b", "b": "c", "bandwidthMbps": 50},
         ]},
     })
@@ -126,17 +134,45 @@ def test_plan_names_addresses_and_buckets() -> None:
     a_out = by_if["stb201-u0"]
     assert a_out.kind == "htb"
     assert {(c.bits_per_second, c.destinations) for c in a_out.classes} == {
-        (50_000_000, ("10.210.201.2",)), (200_000_000, ("10.210.201.3",))}
+        (50_000_000, ("10.210.201.2",)), (400_000_000, ("10.210.201.3",))}
     shared = plan_network(two_nodes_three_devices(), 202)
     kinds = {s.interface: s.kind for s in shared.shaping}
     # x's uplink carries both x devices' traffic to y: one bucket, shared; the x devices'
     # own interfaces shape only same-node traffic (htb: their traffic to y is not theirs to cap)
     assert kinds == {"stb202-u0": "tbf", "stb202-u1": "tbf", "stb202-n0": "htb",
                      "stb202-n1": "htb"}
-    # scaled x100: a-c (20 Gbit/s) is faster than any veth here and left unshaped
+    # scaled x100: a-c (40 Gbit/s) is faster than any veth here and left unshaped
     fast = {s.interface: s for s in plan_network(three_devices(), 201, 100.0).shaping}
     assert [c.destinations for c in fast["stb201-u0"].classes] == [("10.210.201.2",)]
     assert plan.latency_ignored_seconds > 0 and "netem" in plan.notes[0]
+
+
+def test_packets_are_as_large_as_the_link_carries_in_half_a_bucket() -> None:
+    # half of 2 ms at the slower direction's rate, 1500 bytes at least, JUMBO_MTU at most
+    assert pair_mtu(50_000_000, 50_000_000) == 6_250
+    assert pair_mtu(400_000_000, 50_000_000) == 6_250
+    assert pair_mtu(1_000_000, 1_000_000) == STANDARD_MTU
+    assert pair_mtu(400_000_000, 400_000_000) == 50_000
+    assert pair_mtu(10**9, 10**9) == JUMBO_MTU
+    assert pair_mtu(None, None) == JUMBO_MTU  # unshaped
+    plan = plan_network(three_devices(), 201)
+    a, b, c = plan.devices
+    # a: b at 50 Mbit/s, c at 400; ties go to the smaller packet on the subnet route
+    assert (a.subnet_mtu, a.route_mtus) == (6_250, (("10.210.201.3", 50_000),))
+    assert (b.subnet_mtu, b.route_mtus) == (6_250, ())
+    assert (c.subnet_mtu, c.route_mtus) == (6_250, (("10.210.201.1", 50_000),))
+    cmds = [" ".join(cmd) for cmd in setup_commands(plan)]
+    assert "ip -n stb201-d0 route add 10.210.201.3/32 dev stb201-n0 src 10.210.201.1 mtu lock " \
+        "50000" in cmds
+    assert all(f"mtu {JUMBO_MTU}" in cmd for cmd in cmds if " type veth " in cmd)
+    # every packet fits its bucket twice, headers included
+    for shaping in plan.shaping:
+        for cls in shaping.classes:
+            assert cls.burst_bytes >= 2 * pair_mtu(cls.bits_per_second, cls.bits_per_second)
+    # every pair fast (x20: 1 Gbit/s and more): jumbo on the subnet route, no exceptions
+    fast = plan_network(three_devices(), 201, 20.0)
+    assert {(d.subnet_mtu, d.route_mtus) for d in fast.devices} == {(JUMBO_MTU, ())}
+    assert JUMBO_MIN_BITS_PER_SECOND <= 1e9
 
 
 def test_quotas_scale_with_flops_and_fit_the_machine() -> None:
@@ -150,7 +186,7 @@ def test_quotas_scale_with_flops_and_fit_the_machine() -> None:
 # -- real kernel objects -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("src", "dst", "mbps"), [(0, 1, 50), (0, 2, 200), (2, 1, 50)])
+@pytest.mark.parametrize(("src", "dst", "mbps"), [(0, 1, 50), (0, 2, 400), (2, 1, 50)])
 def test_tcp_throughput_matches_link_rate(tb3: Testbed, src: int, dst: int, mbps: int) -> None:
     rate = measure(tb3, src, dst, 5201 + src * 10 + dst)
     print(f"{src}->{dst}: configured {mbps} Mbit/s, measured {rate / MBIT:.1f} Mbit/s goodput")

@@ -82,25 +82,22 @@ def test_two_ranks_train_in_the_testbed(tb2: Testbed, tmp_path: Path) -> None:
     assert all(env["MASTER_ADDR"] == tb2.address(0) for _, env in commands)
     procs: list[subprocess.Popen[bytes]] = []
     logs = [tmp_path / f"rank{r}.log" for r in devices]
-    tb2.enforce_compute(False)  # as bench/cee.py: start-up unthrottled, steps under quotas
+    gate = tb2.startup_gate(out)  # as bench/cee.py: start-up unthrottled, steps under quotas
     try:
         for device, (argv, env), log in zip(devices, commands, logs, strict=True):
             with log.open("wb") as fh:
                 procs.append(tb2.run(device, argv, env=env, stdout=fh,
                                      stderr=subprocess.STDOUT, cwd=REPO))
         deadline = time.monotonic() + 50
-        enforced = False
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if not enforced and out.exists() and out.read_text().strip():
-                tb2.enforce_compute(True)  # rank 0 wrote step 0: the file is there
-                enforced = True
+            gate.poll()
             if any(p.poll() not in (None, 0) for p in procs):
                 break
             time.sleep(0.05)
         codes = [p.poll() for p in procs]
     finally:
         _stop(procs)
-        tb2.enforce_compute(True)
+        gate.close()
     text = "\n".join(f"--- rank {r}\n{log.read_text()[-2000:]}" for r, log in enumerate(logs))
     assert codes == [0, 0], text
     # each rank ran in its device's namespace, gloo bound to its interface

@@ -274,7 +274,7 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
             env = {**env, **testbed.device_env(device), "MASTER_ADDR": master_addr}
             return testbed.run(device, argv, env=env, start_new_session=False, **popen)
 
-        testbed.enforce_compute(False)
+    gate = testbed.startup_gate(out / "losses.jsonl") if testbed is not None else None
     workers = launch.start(
         out / "plan.json", plan.world_size, out, training_path=out / "training.json",
         job=job_name, checkpoint_dir=ckpt, emulation_path=emulation,
@@ -284,14 +284,13 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
         {"pgid": workers.pgid, "pids": [p.pid for p in workers.procs]}))
     print(f"started {plan.world_size} workers (process group {workers.pgid}); logs in {out}")
     tty = sys.stdout.isatty()
-    state: dict[str, Any] = {"shown": -1, "first": None, "enforced": testbed is None}
+    state: dict[str, Any] = {"shown": -1, "first": None}
     started = time.monotonic()
 
     def tick() -> None:
+        if gate is not None:
+            gate.poll()  # step 0 done everywhere: quotas from now on
         rows = _read_rows(out / "losses.jsonl")
-        if rows and not state["enforced"]:  # step 0 done everywhere: quotas from now on
-            testbed.enforce_compute(True)
-            state["enforced"] = True
         if not rows or rows[-1]["step"] == state["shown"]:
             return
         row = rows[-1]
