@@ -9,7 +9,6 @@ also removes it. Instances 210 and 211 (the other testbed tests use 201-209).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,17 +19,15 @@ import pytest
 import yaml
 
 from spantrain_planner.cli import main
+from tests.testbed.requirements import testbed_missing
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 JOB = REPO / "examples" / "jobs" / "gpt-local.yaml"
 PY = sys.executable
 
-needs_testbed = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc")
-    or not Path("/sys/fs/cgroup/cpu/tasks").exists(),
-    reason="the testbed needs root, iproute2 and cgroup v1 cpu/cpuacct",
-)
+needs_testbed = pytest.mark.skipif(testbed_missing() is not None,
+                                   reason=testbed_missing() or "")
 
 
 def _job(tmp_path: Path) -> Path:

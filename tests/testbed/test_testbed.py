@@ -10,8 +10,6 @@ is never touched. Needs root, iproute2 (``ip``, ``tc``) and cgroup v1 cpu/cpuacc
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,15 +19,12 @@ from pathlib import Path
 import pytest
 
 from spantrain_planner.cluster import ClusterSpec, Topology, resolve
+from tests.testbed.requirements import testbed_missing
 
 pytestmark = [pytest.mark.root]
 
-if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-    pytest.skip("the testbed needs root and iproute2 (apt-get install iproute2)",
-                allow_module_level=True)
-if not Path("/sys/fs/cgroup/cpu/tasks").exists():
-    pytest.skip("the testbed needs cgroup v1 with the cpu/cpuacct controllers mounted",
-                allow_module_level=True)
+if (missing := testbed_missing()) is not None:
+    pytest.skip(missing, allow_module_level=True)
 
 from spantrain_testbed import (  # noqa: E402
     Testbed,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,15 +21,12 @@ from pathlib import Path
 import pytest
 
 from spantrain_planner.cluster import ClusterSpec, Topology, resolve
+from tests.testbed.requirements import testbed_missing
 
 pytestmark = [pytest.mark.root, pytest.mark.torch]
 
-if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-    pytest.skip("the testbed needs root and iproute2 (apt-get install iproute2)",
-                allow_module_level=True)
-if not Path("/sys/fs/cgroup/cpu/tasks").exists():
-    pytest.skip("the testbed needs cgroup v1 with the cpu/cpuacct controllers mounted",
-                allow_module_level=True)
+if (missing := testbed_missing()) is not None:
+    pytest.skip(missing, allow_module_level=True)
 pytest.importorskip("torch")
 
 try:  # the testbed as an installed package, else from the checkout
