@@ -21,7 +21,7 @@ from spantrain_planner.plan import ModelRef
 
 from .config import TrainingConfig
 from .models import build_model
-from .runtime import dtype_of, learning_rate
+from .runtime import adamw, dtype_of, learning_rate
 
 
 class PlainTrainer:
@@ -37,10 +37,7 @@ class PlainTrainer:
         assert built.dataset is not None
         self.dataset = built.dataset
         self.dtype = dtype_of(cfg.precision)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
-            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = adamw(self.model.parameters(), cfg)
         self.grad_hook: Callable[[int, dict[str, Tensor]], None] | None = None
 
     def named_parameters(self) -> dict[str, Tensor]:
