@@ -505,6 +505,8 @@ def measure(tb: Testbed, res: RunResult, out: Path, args: argparse.Namespace,
     elif not res.runs:
         res.status = "> timeout" if status == "timeout" else status
         res.upper_bound = args.batch / args.timeout
+    else:  # a repeat that measured nothing: the row keeps its runs and says so
+        res.status += f"; a further run: {status}"
     print(f"  {out.parent.name} {res.name:14s} {status:8s} measured "
           f"{fmt(res.samples_per_second)} samples/s (step {fmt(res.runs[-1] if res.runs else None)}"
           f" s), predicted step {fmt(res.predicted_step)} s", flush=True)
