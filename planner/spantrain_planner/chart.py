@@ -70,11 +70,12 @@ def draw_timeline(
     fig, ax = plt.subplots(figsize=(12, 1.0 + 0.42 * n))
     kinds_seen: list[str] = []
     for bar in bars:
+        ring = bar.kind == "AR"  # overlaps the compute bars: a thin strip under them
         ax.barh(
-            bar.device,
+            bar.device + (0.3 if ring else 0.0),
             bar.end - bar.start,
             left=bar.start,
-            height=0.8,
+            height=0.2 if ring else 0.8,
             color=COLORS.get(bar.kind, "#777777"),
             edgecolor="white",
             linewidth=0.3,

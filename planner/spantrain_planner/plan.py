@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +72,13 @@ class StagePlan(_Model):
     network_group: int = Field(0, ge=0, description="Level-1 group the devices belong to.")
     devices: list[DeviceAssignment] = Field(min_length=1)
     actions: list[str] = Field(description="Ordered actions every device of the stage runs.")
+    grad_buckets: list[list[int]] = Field(
+        default_factory=list,
+        description="Gradient all-reduces that overlap the stage's last weight pass: the "
+        "layers of each, in launch order (last layers first; together every layer of the "
+        "stage once). Empty: one all-reduce of every gradient after the stage's actions "
+        "(CPU devices, where the ring's work would come out of the compute's cores).",
+    )
     predicted: StagePrediction = Field(default_factory=StagePrediction)
 
     @property
@@ -80,6 +88,47 @@ class StagePlan(_Model):
     @property
     def layers(self) -> range:
         return range(self.layer_start, self.layer_end)
+
+
+#: Like DDP's ``bucket_cap_mb``: consecutive layers share one gradient all-reduce until it
+#: holds this many bytes, so small layers do not each pay the ring's latencies.
+GRAD_BUCKET_BYTES = 25 * 2**20
+
+
+def gradient_buckets(
+    layer_start: int, layer_bytes: Sequence[int], cap: int = GRAD_BUCKET_BYTES
+) -> list[list[int]]:
+    """Split layers ``layer_start, layer_start + 1, ...`` (parameter bytes ``layer_bytes``)
+    into buckets in backward order: last layer first, a bucket closed once it holds ``cap``
+    bytes; a tail without parameters joins the previous bucket."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in reversed(range(len(layer_bytes))):
+        current.append(layer_start + i)
+        size += layer_bytes[i]
+        if size >= cap:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        if size == 0 and buckets:
+            buckets[-1].extend(current)
+        else:
+            buckets.append(current)
+    return buckets
+
+
+def grad_bucket_problem(stage: StagePlan) -> str | None:
+    """What is wrong with a stage's ``grad_buckets`` (None: empty, or every layer of the
+    stage once, last layer first)."""
+    if not stage.grad_buckets:
+        return None
+    order = [i for bucket in stage.grad_buckets for i in bucket]
+    want = list(reversed(stage.layers))
+    if order != want or not all(stage.grad_buckets):
+        return (f"stage {stage.stage_index}: gradient buckets {stage.grad_buckets} must hold "
+                f"layers {want[0]}..{want[-1]} once each, last layer first, none empty")
+    return None
 
 
 class ExcludedDevice(_Model):

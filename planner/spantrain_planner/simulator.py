@@ -7,9 +7,13 @@ the very action lists the worker executes: each device runs its stage's actions 
 them, a ``B<m>`` for the gradient rows from downstream. Transfers use the alpha-beta model
 (latency + bytes / bandwidth) and are serialised per channel: one channel per ordered node
 pair for traffic between nodes (devices of a node share its NIC), one per device pair inside a
-node. Transfers overlap with compute (the worker sends asynchronously). After its last action a
-stage all-reduces its gradients (ring, over the slowest link of the ring), then every device
-runs the optimizer. Nothing overlaps the all-reduce, as in the worker.
+node. Transfers overlap with compute (the worker sends asynchronously). A stage on several
+devices sums its gradients as the worker does (``gradsync``), with ring all-reduces over the
+ring's slowest link: after its last action, one ring over all its gradients; or, where the
+plan gives ``grad_buckets`` (accelerators), one ring per bucket of layers in that order, each
+starting once every device of the stage has finished the bucket's layers' part of its last
+weight pass (``W`` or ``BW``) and the previous ring is done, so the rings overlap the rest of
+that pass. When a stage's rings and actions are done, each of its devices runs the optimizer.
 
 Pure: planner modules and the standard library only.
 """
@@ -253,6 +257,14 @@ def simulate(
             latest = max(latest, t)
         return latest
 
+    # the last weight pass of each stage: its per-layer progress starts the gradient rings
+    final_pass = [
+        max((k for k, (kind, _) in enumerate(acts) if kind in ("W", "BW")), default=-1)
+        for acts in parsed
+    ]
+    layer_sums = [sums.range(i, i + 1) for i in range(profile.num_layers)]
+    layer_done: dict[tuple[int, int], float] = {}  # (rank, layer) -> its gradient is final
+
     pointer = dict.fromkeys(ranks, 0)
     free = dict.fromkeys(ranks, 0.0)
     busy = dict.fromkeys(ranks, 0.0)
@@ -307,30 +319,53 @@ def simulate(
                 try_queue(dst)
         if kind in ("W", "BW"):
             stash_live[rank] -= 1
+        if k == final_pass[s] and stages[s].grad_buckets:
+            done = start
+            for i in reversed(range(stages[s].layer_start, stages[s].layer_end)):
+                done += action_seconds(kind, layer_sums[i], share, topology.devices[dev], cost)
+                layer_done[(rank, i)] = done
         if record:
             intervals.append(Interval(dev_pos[dev], start, end, kind, m))
         finish_compute[rank] = end
         try_queue(rank)
     assert remaining == 0, "simulation deadlocked: action orders are inconsistent"
 
-    # gradient all-reduce inside each stage, then the optimizer
+    # per-layer gradient rings inside each stage, then the optimizer
     step_end = 0.0
     stage_compute: list[float] = []
     for s, stage in enumerate(stages):
         stage_ranks = [a.rank for a in stage.devices]
         devs = [rank_device[r] for r in stage_ranks]
-        ar_start = max(finish_compute[r] for r in stage_ranks)
-        ar = ring_allreduce_seconds(topology, devs, stage_sums[s].param_bytes)
+        rings: list[tuple[float, float]] = []
+        ring_free = max(finish_compute[r] for r in stage_ranks)
+        if stage.grad_buckets:
+            ring_free = 0.0
+            for bucket in stage.grad_buckets:
+                nbytes = sum(layer_sums[i].param_bytes for i in bucket)
+                ar = ring_allreduce_seconds(topology, devs, nbytes)
+                if ar > 0:
+                    ready = max(
+                        layer_done.get((r, i), finish_compute[r])
+                        for r in stage_ranks for i in bucket
+                    )
+                    begin = max(ready, ring_free)
+                    ring_free = begin + ar
+                    rings.append((begin, ring_free))
+        else:
+            ar = ring_allreduce_seconds(topology, devs, stage_sums[s].param_bytes)
+            if ar > 0:
+                rings.append((ring_free, ring_free + ar))
+                ring_free += ar
+        synced = max(ring_free, *(finish_compute[r] for r in stage_ranks))
         stage_compute.append(max(busy[r] for r in stage_ranks))
         for r in stage_ranks:
             dev = rank_device[r]
             opt = optimizer_seconds(stage_sums[s].param_count, topology.devices[dev].flops, cost)
-            end = ar_start + ar + opt
+            end = synced + opt
             busy[r] += opt
             if record:
-                if ar > 0:
-                    intervals.append(Interval(dev_pos[dev], ar_start, ar_start + ar, "AR"))
-                intervals.append(Interval(dev_pos[dev], ar_start + ar, end, "OPT"))
+                intervals.extend(Interval(dev_pos[dev], a, b, "AR") for a, b in rings)
+                intervals.append(Interval(dev_pos[dev], synced, end, "OPT"))
             step_end = max(step_end, end)
 
     device_ids = [topology.devices[rank_device[r]].id for r in ranks]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .cluster import Topology
 from .errors import InfeasibleError, PlanningError, gib
-from .plan import Plan, parse_action
+from .plan import Plan, grad_bucket_problem, parse_action
 from .profiles import ModelProfile
 from .simulator import SimResult
 
@@ -72,6 +72,9 @@ def validate_plan(
                 f"stage {s}: shares sum to {total}, the micro-batch has {plan.microbatch_size}"
             )
         _check_actions(s, stage.actions, plan.num_microbatches)
+        problem = grad_bucket_problem(stage)
+        if problem:
+            raise PlanValidationError(problem)
     if expected_start != profile.num_layers:
         raise PlanValidationError(
             f"layers {expected_start}..{profile.num_layers - 1} are not assigned to any stage"

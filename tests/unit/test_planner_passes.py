@@ -9,7 +9,7 @@ import pytest
 from spantrain_planner.assemble import StageLayout, assemble
 from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
 from spantrain_planner.grouping import compute_groups, group_devices
-from spantrain_planner.plan import boundary_transfers, rank_info
+from spantrain_planner.plan import boundary_transfers, gradient_buckets, rank_info
 from spantrain_planner.profiles import LayerProfile, ModelProfile
 from spantrain_planner.schedules import (
     StageCost,
@@ -259,3 +259,56 @@ def test_validation_catches_broken_plans() -> None:
     )
     with pytest.raises(PlanValidationError, match="before"):
         validate_plan(out_of_order, topo, prof)
+
+
+@pytest.mark.parametrize(("accelerator", "overlap", "step"), [
+    # accelerators: the last layer's ring (1 s) runs during layer 0's part of BW0; layer 0's
+    # ring starts when BW0 ends: F0 (2) + BW0 (4) + one ring (1)
+    ("NVIDIA-GeForce-RTX-3090", True, 7.0),
+    # CPU devices: one ring over both layers (2 s) after BW0
+    ("cpu", False, 8.0),
+])
+def test_gradient_rings_overlap_the_last_pass_on_accelerators(
+    accelerator: str, overlap: bool, step: float
+) -> None:
+    spec = uniform_cluster(2, mbps=1000).model_dump(by_alias=True)
+    for node in spec["nodes"]:
+        node["devices"][0]["accelerator"] = accelerator
+    topo = resolve(ClusterSpec.model_validate(spec))
+    prof = unit_profile(2)
+    # 125 MB of parameters per layer: a 2-device ring moves them once, 1 s at 1 Gbit/s
+    # (parameter count 0: no optimizer time)
+    prof = prof.model_copy(update={"layers": [
+        layer.model_copy(update={"param_bytes": 125_000_000}) for layer in prof.layers]})
+    layouts = [StageLayout(0, 2, (0, 1), (1, 1))]
+    plan, sim = assemble(layouts, topo, prof, schedule="1f1b", num_microbatches=1,
+                         cost=NO_OVERHEAD)
+    assert sim is not None
+    # 125 MB per layer: each layer is a bucket of its own (>= 25 MiB), last layer first
+    assert plan.stages[0].grad_buckets == ([[1], [0]] if overlap else [])
+    assert sim.step_seconds == pytest.approx(step)
+
+
+def test_gradient_buckets_merge_small_layers_up_to_the_cap() -> None:
+    mib = 2**20
+    # layers 3..7 of a stage; layer 7 is big, 4-6 small, 3 has no parameters
+    assert gradient_buckets(3, [0, 10 * mib, 10 * mib, 10 * mib, 30 * mib]) == [[7], [6, 5, 4, 3]]
+    assert gradient_buckets(0, [mib, mib]) == [[1, 0]]
+    # a tail without parameters joins the bucket before it
+    assert gradient_buckets(0, [0, 0, 30 * mib]) == [[2, 1, 0]]
+    assert gradient_buckets(0, [0, 30 * mib, 30 * mib]) == [[2], [1, 0]]
+
+
+def test_validation_rejects_gradient_buckets_that_miss_or_repeat_a_layer() -> None:
+    topo = resolve(uniform_cluster(2))
+    prof = unit_profile(3)
+    plan, _ = assemble([StageLayout(0, 3, (0, 1), (1, 1))], topo, prof, schedule="1f1b",
+                       num_microbatches=1, predict=False)
+    ok = plan.model_copy(update={"stages": [
+        plan.stages[0].model_copy(update={"grad_buckets": [[2], [1, 0]]})]})
+    validate_plan(ok, topo, prof)
+    for bad in ([[2], [0]], [[0, 1, 2]], [[2, 1], [1, 0]], [[2, 1, 0], []]):
+        broken = plan.model_copy(update={"stages": [
+            plan.stages[0].model_copy(update={"grad_buckets": bad})]})
+        with pytest.raises(PlanValidationError, match="gradient buckets"):
+            validate_plan(broken, topo, prof)

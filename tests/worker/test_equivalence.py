@@ -37,6 +37,12 @@ PLANS = {
     "dp3": ("mlp-tiny", [(0, 5, [1, 4, 2])], "gpipe", 2),
     # zero bubble with B/W split, widths 1-2-1
     "zb": ("gpt-tiny", [(0, 1, [5]), (1, 3, [2, 3]), (3, 4, [5])], "zb", 4),
+    # the same two with each stage's gradients summed layer by layer during its last weight
+    # pass (what plans on accelerators do, in buckets of ~25 MiB; one layer each here, so
+    # several rings per stage): hooks on BW, splitgrad's callback on W
+    "widths-2-1-3-overlap": ("gpt-tiny", [(0, 2, [3, 2]), (2, 3, [5]), (3, 4, [1, 2, 2])],
+                             "1f1b", 2),
+    "zb-overlap": ("gpt-tiny", [(0, 1, [5]), (1, 3, [2, 3]), (3, 4, [5])], "zb", 4),
 }
 
 
@@ -53,6 +59,11 @@ def reference(model_ref, training: Path, global_batch: int):  # type: ignore[no-
 def test_plan_matches_single_process(name: str, tmp_path: Path) -> None:
     model, stages, schedule, num_microbatches = PLANS[name]
     plan = make_plan(model, stages, schedule=schedule, num_microbatches=num_microbatches)
+    if name.endswith("-overlap"):
+        plan = plan.model_copy(update={"stages": [
+            st.model_copy(update={"grad_buckets": [[i] for i in reversed(st.layers)]
+                                  if st.dp_degree > 1 else []})
+            for st in plan.stages]})
     if schedule == "zb":
         assert any(a.startswith("W") for st in plan.stages for a in st.actions), "no split B/W"
     training = write_training(tmp_path, steps=STEPS)

@@ -193,10 +193,14 @@ class Comm:
         assert work is not None
         return work
 
-    def all_reduce_stage(self, tensor: torch.Tensor) -> None:
-        """Sum over the ranks of this rank's stage (no-op for a stage of width 1)."""
-        if self.stage_group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.stage_group)
+    def all_reduce_stage_async(self, tensor: torch.Tensor) -> dist.Work | None:
+        """Start a sum over this rank's stage; ``wait()`` on the handle (None: width 1)."""
+        if self.stage_group is None:
+            return None
+        work: dist.Work | None = dist.all_reduce(
+            tensor, op=dist.ReduceOp.SUM, group=self.stage_group, async_op=True)
+        assert work is not None
+        return work
 
     def all_reduce_world(self, tensor: torch.Tensor) -> None:
         if self.world_size > 1:

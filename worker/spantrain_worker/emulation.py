@@ -10,7 +10,8 @@ and latency of each of its channels (from the resolved topology), and pads:
   the same ordered channel); the receiver, once the real transfer has landed, waits until
   ``max(sent, channel free) + bytes / bandwidth + latency`` — the planner's alpha-beta model
   with per-channel serialisation, overlapped with compute as on a real link;
-* all-reduce: a ring's ``2 (k-1)/k * bytes / slowest bandwidth + 2 (k-1) * latency``.
+* all-reduce: a ring's ``2 (k-1)/k * bytes / slowest bandwidth + 2 (k-1) * latency`` per
+  gradient bucket, the buckets one after another from their launch times.
 
 Timestamps are wall-clock (``time.time()``), valid because every process shares one clock.
 This is an emulation for demonstrations: the real kernel-level throttling (network namespaces,
@@ -140,7 +141,10 @@ class Emulator:
         if delay > 0:
             time.sleep(delay)
 
-    def pad_allreduce(self, num_bytes: int, elapsed: float) -> None:
-        extra = self.spec.allreduce_seconds(self.rank, num_bytes) - elapsed
-        if extra > 0:
-            time.sleep(extra)
+    def pad_allreduce(self, launches: list[tuple[float, int]]) -> None:
+        """Wait until the ring would have finished every bucket: each starts at its launch
+        time or when the previous one is done, whichever is later (``gradsync``'s buckets)."""
+        done = 0.0
+        for at, num_bytes in launches:
+            done = max(at, done) + self.spec.allreduce_seconds(self.rank, num_bytes)
+        self.wait_until(done)

@@ -13,11 +13,14 @@ concatenates its pieces in row order; gradients travel the same pairs in reverse
 
 Gradient equivalence: the last stage's loss on its rows (a mean over those rows) is scaled by
 ``rows / global_batch``; summing over micro-batches and over the ranks of a stage (explicit
-all-reduce, not DDP hooks: a stage's ranks run different row counts and a schedule-defined
-order of backward passes) gives exactly the gradient of the mean loss over the global batch,
-i.e. single-process training. The global gradient norm for clipping is the square root of the
-sum over stages (each counted once, by its replica 0) of the stage's squared norm; it travels
-in the same world all-reduce as the step's loss.
+all-reduce, ``gradsync``, not DDP: a stage's ranks run different row counts and a
+schedule-defined order of backward passes; where the plan gives ``grad_buckets`` each
+bucket's sum starts as soon as its gradients are final, overlapping the rest of the backward
+work) gives exactly the gradient of the mean loss over the global batch, i.e. single-process
+training. The global gradient
+norm for clipping is the square root of the sum over stages (each counted once, by its
+replica 0) of the stage's squared norm; it travels in the same world all-reduce as the step's
+loss.
 
 Why not ``torch.distributed.pipelining``: its ``PipelineStage`` and schedules assume every
 stage processes whole, equally sized micro-batches on one rank (the micro-batch is split with
@@ -46,9 +49,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spantrain_planner.plan import Plan, boundary_transfers, parse_action, rank_info
+from spantrain_planner.plan import (
+    Plan,
+    boundary_transfers,
+    grad_bucket_problem,
+    parse_action,
+    rank_info,
+)
 
-from . import checkpoint, splitgrad
+from . import checkpoint, gradsync, splitgrad
 from .config import TrainingConfig
 from .emulation import Emulation, Emulator
 from .metrics import StepStats, Timeline
@@ -284,6 +293,22 @@ class StageTrainer:
             self.b_inputs = [p for p in self.params if id(p) not in weights]
             if role.is_first and not self.b_inputs:
                 self.split_microbatches = set()  # nothing to compute in B: run B as BW
+        # the stage's gradient sum: the plan's buckets during the last weight pass (stages on
+        # accelerators), else one flat all-reduce after the actions
+        stage_plan = plan.stages[role.stage_index]
+        problem = grad_bucket_problem(stage_plan)
+        if problem:
+            raise PlanError(problem)
+        self.grad_sync: gradsync.GradientSync | None = None
+        if len(role.stage_ranks) > 1 and self.params:
+            overlap = bool(stage_plan.grad_buckets)
+            buckets = ([[p for i in bucket for p in self.layer_map[i].parameters()]
+                        for bucket in stage_plan.grad_buckets] if overlap else [self.params])
+            self.grad_sync = gradsync.GradientSync(
+                buckets, passes=role.num_microbatches, launch=comm.all_reduce_stage_async)
+            if overlap:
+                self.grad_sync.install_hooks()
+                self.split.on_grad = self.grad_sync.grad_ready
         self.start_step = 0
         self.timeline = Timeline(rank)
         self.record_steps: set[int] = set()
@@ -447,19 +472,11 @@ class StageTrainer:
         w0 = time.time()
         for work, _ in sends:
             work.wait()
-        grads_ = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if len(role.stage_ranks) > 1 and grads_:
-            flat = torch.cat([g.reshape(-1) for g in grads_])
-            self.comm.all_reduce_stage(flat)
-            self.emulator.pad_allreduce(flat.numel() * flat.element_size(),
-                                        time.perf_counter() - t0)
-            offset = 0
-            for p, g in zip(self.params, grads_, strict=True):
-                p.grad = flat[offset:offset + g.numel()].view_as(g)
-                offset += g.numel()
-        else:
-            for p, g in zip(self.params, grads_, strict=True):
-                p.grad = g
+        if self.grad_sync is not None:
+            self.emulator.pad_allreduce(self.grad_sync.finish())
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.grad_hook is not None and role.replica == 0:
             self.grad_hook(step, {n: p.grad.detach().clone() for n, p in self.named_params
                                   if p.grad is not None})

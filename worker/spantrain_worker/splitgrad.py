@@ -20,7 +20,7 @@ Must not import torch.distributed, kopf, the Kubernetes client or ``spantrain_op
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -36,6 +36,9 @@ class SplitState:
         self.recording: int | None = None  # micro-batch whose forward uses the split path
         self.deferring: int | None = None  # micro-batch whose backward defers weight GEMMs
         self.pending: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+        #: called with each weight after a W pass accumulated into its ``.grad`` (autograd's
+        #: post-accumulate-grad hooks do not see these assignments)
+        self.on_grad: Callable[[Tensor], None] | None = None
 
     @contextmanager
     def record(self, microbatch: int | None) -> Iterator[None]:
@@ -61,6 +64,8 @@ class SplitState:
                 weight.grad = g
             else:
                 weight.grad += g
+            if self.on_grad is not None:
+                self.on_grad(weight)
 
 
 class _SplitLinear(torch.autograd.Function):
