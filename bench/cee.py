@@ -633,7 +633,11 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
             f" In {', '.join(sorted(args.repeat_envs))}, rows whose runs take at most "
             f"{REPEAT_MAX_SECONDS:.0f} s are run {args.repeats} times, interleaved (A B A B "
             "...), and report the median run." if args.repeats > 1 else ""),
-        "Compute: cgroup CPU quotas (5 ms CFS periods), 1 thread per device; device speeds "
+        "Compute: cgroup CPU quotas (CFS period max(5 ms, 1 ms / cores): 8.3 ms at 0.12 "
+        "cores), 1 thread per device; every compute action of SpanTrain's worker lasts at "
+        "least its CPU time / the device's share (SPANTRAIN_PACE_CORES), because a quota lets "
+        "a process that was idle burst through its first quota's worth of CPU at full speed, "
+        "which a slow GPU does not; device speeds "
         "and per-micro-batch overhead measured alone (1-device 1F1B worker runs at batch x "
         f"micro-batches {', '.join(f'{b}x{m}' for b, m in CALIB_RUNS)}, divided by a whole "
         f"factor on kinds below {CALIB_SLOW_CORES} cores) and given to the planner.",
@@ -648,7 +652,7 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
         f"{CALIB_RUNS[0][0]}, one micro-batch).",
         f"{TORCH}: PyTorch's torch.distributed.pipelining Schedule1F1B (bench/torch_pipe.py) on "
         "1f1b-even's devices, layer split and micro-batch count; its predicted step is the "
-        "simulator's for that plan.",
+        "simulator's for that plan; not paced (its actions run inside torch's schedule).",
         "",
     ]
     for key, cal in cals.items():

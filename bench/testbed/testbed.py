@@ -236,9 +236,15 @@ class Testbed:
         return self.net.devices[self.device_index(device)].netns
 
     def device_env(self, device: int | str) -> dict[str, str]:
-        """What a process on ``device`` needs: its interface and address, one thread."""
-        dev = self.net.devices[self.device_index(device)]
+        """What a process on ``device`` needs: its interface and address, one thread, and its
+        CPU share (``SPANTRAIN_PACE_CORES``: SpanTrain's worker pads each compute action to at
+        least its CPU time / this share, because a CFS quota lets a process that was idle run
+        its first quota's worth of CPU at full speed, which a slow GPU does not do: at a
+        quarter core, 2 ms of CPU after 30 ms idle took 3.2 ms instead of 8 ms)."""
+        index = self.device_index(device)
+        dev = self.net.devices[index]
         return {
+            "SPANTRAIN_PACE_CORES": f"{self.quotas[index].cores:.6g}",
             "GLOO_SOCKET_IFNAME": dev.ns_if,
             "TP_SOCKET_IFNAME": dev.ns_if,
             "SPANTRAIN_DEVICE_ADDR": dev.address,

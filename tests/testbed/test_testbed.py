@@ -214,6 +214,22 @@ def test_cpu_quota_caps_a_busy_loop(tb3: Testbed) -> None:
     assert tb3.quotas[0].quota_us == round(0.25 * tb3.quotas[0].period_us)
 
 
+def test_pacing_removes_the_quota_burst_after_idle(tb3: Testbed) -> None:
+    # a CFS quota lets a process that was idle run its first quota's worth of CPU at full
+    # speed; a slow GPU does not, so the worker pads each action to CPU time / share
+    assert tb3.device_env(0)["SPANTRAIN_PACE_CORES"] == "0.25"
+    proc = tb3.run(0, [PY, str(HERE / "pace_probe.py")], stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    got = json.loads(out.decode().strip().splitlines()[-1])
+    smooth = got["cpu"] / got["share"]  # 8 ms for 2 ms of CPU at a quarter core
+    print(f"2 ms of CPU after idle: {got['unpaced'] * 1e3:.1f} ms unpaced, "
+          f"{got['paced'] * 1e3:.1f} ms paced, {smooth * 1e3:.1f} ms at a constant speed")
+    assert got["paced"] >= 0.95 * smooth
+    assert got["paced"] < 2.5 * smooth
+
+
 def test_gloo_allreduce_across_namespaces(tb3: Testbed) -> None:
     script = str(HERE / "gloo_allreduce.py")
     procs = [tb3.run(r, [PY, script, str(r), "2", "29511"], stdout=subprocess.PIPE,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from spantrain_worker.comm import plan_channels  # noqa: E402
-from spantrain_worker.config import TrainingConfig  # noqa: E402
+from spantrain_worker.config import TrainingConfig, WorkerEnv  # noqa: E402
 from spantrain_worker.emulation import Emulation, Emulator, Link  # noqa: E402
 from spantrain_worker.runtime import (  # noqa: E402
     PlanError,
@@ -77,3 +78,21 @@ def test_emulated_link_serialises_messages_per_channel() -> None:
     assert em.arrival(0, 10.0, 100) == pytest.approx(11.5)
     assert em.arrival(0, 10.0, 100) == pytest.approx(12.5)  # queued behind the first
     assert Emulator(emu, rank=0).arrival(1, 3.0, 100) == 3.0  # no link 1 -> 0 given
+
+
+def test_paced_device_actions_last_their_cpu_time_over_the_share() -> None:
+    em = Emulator(Emulation(pace_cores=0.5), rank=0)
+    t0 = time.perf_counter()
+    em.pad_compute(0.01, cpu=0.02)  # ran at full speed: must last 0.02 / 0.5 = 0.04 s
+    assert 0.028 <= time.perf_counter() - t0 < 0.2
+    t0 = time.perf_counter()
+    em.pad_compute(0.05, cpu=0.02)  # already slower than its share: no wait
+    assert time.perf_counter() - t0 < 0.01
+
+
+def test_pace_cores_comes_from_the_environment() -> None:
+    base = {"SPANTRAIN_PLAN": "plan.json"}
+    assert WorkerEnv.from_env(base).pace_cores is None
+    assert WorkerEnv.from_env({**base, "SPANTRAIN_PACE_CORES": "0.12"}).pace_cores == 0.12
+    with pytest.raises(ValueError, match="SPANTRAIN_PACE_CORES"):
+        WorkerEnv.from_env({**base, "SPANTRAIN_PACE_CORES": "-1"})

@@ -16,6 +16,8 @@ grow); ``WorkerEnv`` reads the variables the operator injects into every pod (an
   SPANTRAIN_EMULATION         path of an emulation file (``spantrain local`` only)
   SPANTRAIN_RENDEZVOUS_TIMEOUT  seconds to wait for every rank (default 300)
   SPANTRAIN_DEVICE            auto | cpu | cuda
+  SPANTRAIN_PACE_CORES        the testbed device's CPU share: each compute action lasts at
+                              least its CPU time / this (set by ``Testbed.device_env``)
 
 Pure (pydantic, PyYAML via the planner's loader). Must not import torch.distributed, kopf, the
 Kubernetes client or ``spantrain_operator``.
@@ -96,6 +98,7 @@ class WorkerEnv:
     metrics_port: int
     output_dir: str | None
     emulation_path: str | None
+    pace_cores: float | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerEnv:
@@ -111,7 +114,21 @@ class WorkerEnv:
             metrics_port=int(env.get("SPANTRAIN_METRICS_PORT", "9400")),
             output_dir=env.get("SPANTRAIN_OUTPUT_DIR") or None,
             emulation_path=env.get("SPANTRAIN_EMULATION") or None,
+            pace_cores=_positive(env, "SPANTRAIN_PACE_CORES"),
         )
+
+
+def _positive(env: dict[str, str], name: str) -> float | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r}: must be a positive number of cores (or unset)")
+    return value
 
 
 def load_plan(path: str | Path) -> Plan:

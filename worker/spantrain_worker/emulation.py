@@ -10,6 +10,12 @@ and latency of each of its channels (from the resolved topology), and pads:
   the same ordered channel); the receiver, once the real transfer has landed, waits until
   ``max(sent, channel free) + bytes / bandwidth + latency`` — the planner's alpha-beta model
   with per-channel serialisation, overlapped with compute as on a real link;
+* pacing (the kernel-level testbed, ``pace_cores``): a CFS CPU quota lets a process that
+  was idle run its first quota's worth of CPU at full speed (``tests/testbed``, a quarter
+  core: 2 ms of CPU after 30 ms idle took 3.2 ms instead of 8 ms), so a quota-limited device
+  that idles between short actions would compute faster than its share, which a slow GPU
+  does not; after each action the worker waits until the action has lasted its thread-CPU
+  time / the share;
 * all-reduce: a ring's ``2 (k-1)/k * bytes / slowest bandwidth + 2 (k-1) * latency`` per
   gradient bucket, the buckets one after another from their launch times.
 
@@ -50,6 +56,9 @@ class Emulation(_Model):
     """Per-rank slowdowns and per-rank-pair links of one plan."""
 
     slowdown: dict[int, float] = Field(default_factory=dict, description="rank -> factor >= 1")
+    pace_cores: float | None = Field(
+        None, gt=0, description="This device's CPU share on the testbed: every compute action "
+        "lasts at least its CPU time / this share (no burst after idle).")
     links: list[Link] = Field(default_factory=list)
     stage_ranks: list[list[int]] = Field(default_factory=list)
 
@@ -59,7 +68,7 @@ class Emulation(_Model):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.slowdown) or bool(self.links)
+        return bool(self.slowdown) or bool(self.links) or self.pace_cores is not None
 
     def link(self, src: int, dst: int) -> Link | None:
         for link in self.links:
@@ -121,9 +130,15 @@ class Emulator:
         self.links_enabled = bool(emulation.links)
         self._channel_free: dict[int, float] = {}
 
-    def pad_compute(self, elapsed: float) -> None:
+    def pad_compute(self, elapsed: float, cpu: float | None = None) -> None:
+        """After an action of ``elapsed`` wall and ``cpu`` thread-CPU seconds: the slowdown's
+        sleep, or (testbed) the wait that makes it last ``cpu / pace_cores`` at least."""
         if self.slowdown > 1.0:
             time.sleep(elapsed * (self.slowdown - 1.0))
+        elif self.spec.pace_cores is not None and cpu is not None:
+            short = cpu / self.spec.pace_cores - elapsed
+            if short > 0:
+                time.sleep(short)
 
     def arrival(self, src: int, sent_at: float, num_bytes: int) -> float:
         """Wall-clock time a message from ``src`` would land (advances the channel clock)."""

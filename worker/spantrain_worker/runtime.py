@@ -426,6 +426,7 @@ class StageTrainer:
                     x_in = x
                 w0 = time.time()  # timeline bars start after the wait for inputs
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 with self.split.record(m if m in self.split_microbatches else None), \
                         torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     out = self._run_layers(x)
@@ -438,19 +439,23 @@ class StageTrainer:
                     loss_sum += float(loss.detach())
                     out = loss
                 elapsed = time.perf_counter() - t0
+                cpu = time.thread_time() - c0
                 for peer in role.downstream:
                     lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
                     self._send(out[lo:hi], peer.rank, m, sends, clock)
                 saved[m] = (x_in, out)
             elif kind == "W":
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 self.split.flush(m)
                 elapsed = time.perf_counter() - t0
+                cpu = time.thread_time() - c0
             else:  # B or BW
                 x_in, out = saved.pop(m)
                 grad_out = None if role.is_last else self._wait(grads[m], clock)
                 w0 = time.time()
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 if kind == "B" and m in self.split_microbatches:
                     wanted = ([x_in] if x_in is not None else []) + self.b_inputs
                     with self.split.defer(m):
@@ -458,13 +463,14 @@ class StageTrainer:
                 else:
                     torch.autograd.backward(out, grad_out)
                 elapsed = time.perf_counter() - t0
+                cpu = time.thread_time() - c0
                 if x_in is not None:
                     assert x_in.grad is not None
                     for peer in role.upstream:
                         lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
                         self._send(x_in.grad[lo:hi], peer.rank, m, sends, clock)
             clock.compute += elapsed
-            self.emulator.pad_compute(elapsed)
+            self.emulator.pad_compute(elapsed, cpu)
             if record:
                 self.timeline.add(step, kind, m, w0, time.time())
         # gradient sync, global norm and loss
@@ -492,6 +498,7 @@ class StageTrainer:
         if record:
             self.timeline.add(step, "AR", -1, w0, time.time())
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         w0 = time.time()
         coef = clip_coefficient(total_norm, self.cfg.grad_clip_norm)
         lr = learning_rate(step, self.cfg)
@@ -505,7 +512,7 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         clock.compute += elapsed
-        self.emulator.pad_compute(elapsed)
+        self.emulator.pad_compute(elapsed, time.thread_time() - c0)
         if record:
             self.timeline.add(step, "OPT", -1, w0, time.time())
         step_seconds = time.perf_counter() - t_start

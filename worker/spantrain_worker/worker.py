@@ -57,9 +57,12 @@ def run(env: dict[str, str] | None = None) -> int:
         return 3
     init_process_group(store, renv, backend, device)
     comm = Comm(plan, renv.rank)
+    emulation = load_emulation(wenv.emulation_path)
+    if wenv.pace_cores is not None:
+        emulation = emulation.model_copy(update={"pace_cores": wenv.pace_cores})
     trainer = StageTrainer(
         plan, renv.rank, cfg, comm, device=device,
-        emulation=load_emulation(wenv.emulation_path),
+        emulation=emulation,
         checkpoint_dir=wenv.checkpoint_dir or cfg.checkpoint.path,
     )
     out = Path(wenv.output_dir) if wenv.output_dir else None
