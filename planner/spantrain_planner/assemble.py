@@ -124,9 +124,9 @@ def grad_buckets_for(
 
     Only on accelerators: there the collective runs beside the compute (NCCL on its own
     stream). On a CPU device the ring's copies, reductions and socket work take cycles from
-    the same cores; measured on the CEE testbed's CPU-quota devices, overlapping shortened
-    the all-reduce tail after the last pass (about 120 to 75 ms) but not the step (0.91-0.92 s
-    after vs 0.93-1.03 s overlapped).
+    the same cores; measured on the CEE testbed's CPU-quota devices (before pacing), one ring
+    per layer overlapped shortened the all-reduce tail after the last pass (about 120 to 75 ms)
+    but not the step (0.91-0.92 s after vs 0.93-1.03 s overlapped).
     """
     if len(lay.devices) < 2 or any(
         topology.devices[d].accelerator.lower() == "cpu" for d in lay.devices

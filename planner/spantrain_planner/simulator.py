@@ -330,7 +330,7 @@ def simulate(
         try_queue(rank)
     assert remaining == 0, "simulation deadlocked: action orders are inconsistent"
 
-    # per-layer gradient rings inside each stage, then the optimizer
+    # gradient rings inside each stage (the plan's buckets, or one ring), then the optimizer
     step_end = 0.0
     stage_compute: list[float] = []
     for s, stage in enumerate(stages):

@@ -98,7 +98,6 @@ def test_buckets_launch_during_the_last_backward_last_layer_first() -> None:
     run(layers, xs[1]).backward()
     assert [m for _, m in rec.launched] == ["step1"] * 3
     sync.finish()
-    sync.remove_hooks()
 
 
 def test_an_unfinished_bucket_holds_back_the_later_ones_until_finish() -> None:

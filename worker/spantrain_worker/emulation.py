@@ -66,10 +66,6 @@ class Emulation(_Model):
     def none(cls) -> Emulation:
         return cls()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.slowdown) or bool(self.links) or self.pace_cores is not None
-
     def link(self, src: int, dst: int) -> Link | None:
         for link in self.links:
             if (link.src, link.dst) == (src, dst):

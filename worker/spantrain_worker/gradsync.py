@@ -50,10 +50,10 @@ class _Launched:
 
 
 class GradientSync:
-    """Per-layer gradient buckets of one rank's stage, summed as they become final."""
+    """Gradient buckets of one rank's stage, each summed as soon as it is final."""
 
     def __init__(self, buckets: Sequence[Sequence[Tensor]], passes: int, launch: Launch) -> None:
-        """``buckets``: the parameters of each layer, in launch order (last layer first);
+        """``buckets``: the parameters of each bucket, in launch order (last layers first);
         ``passes``: accumulations that make a gradient final (the micro-batch count)."""
         self.buckets = [list(b) for b in buckets if b]
         self.passes = passes
@@ -62,19 +62,13 @@ class GradientSync:
         self._count = dict.fromkeys(self._bucket_of, 0)
         self._missing = [len(b) for b in self.buckets]
         self._launched: list[_Launched] = []
-        self._handles: list[Any] = []
 
     def install_hooks(self) -> None:
         """Count autograd's accumulations into every parameter's ``.grad``."""
         for bucket in self.buckets:
             for p in bucket:
                 hook = p.register_post_accumulate_grad_hook  # unannotated in torch
-                self._handles.append(hook(self.grad_ready))  # type: ignore[no-untyped-call]
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+                hook(self.grad_ready)  # type: ignore[no-untyped-call]
 
     def grad_ready(self, param: Tensor) -> None:
         """One more accumulation into ``param.grad``; launches every bucket that is due."""

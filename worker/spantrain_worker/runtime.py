@@ -17,10 +17,9 @@ all-reduce, ``gradsync``, not DDP: a stage's ranks run different row counts and 
 schedule-defined order of backward passes; where the plan gives ``grad_buckets`` each
 bucket's sum starts as soon as its gradients are final, overlapping the rest of the backward
 work) gives exactly the gradient of the mean loss over the global batch, i.e. single-process
-training. The global gradient
-norm for clipping is the square root of the sum over stages (each counted once, by its
-replica 0) of the stage's squared norm; it travels in the same world all-reduce as the step's
-loss.
+training. The global gradient norm for clipping is the square root of the sum over stages
+(each counted once, by its replica 0) of the stage's squared norm; it travels in the same
+world all-reduce as the step's loss.
 
 Why not ``torch.distributed.pipelining``: its ``PipelineStage`` and schedules assume every
 stage processes whole, equally sized micro-batches on one rank (the micro-batch is split with
