@@ -66,7 +66,8 @@ from spantrain_planner.plan import Plan  # noqa: E402
 from spantrain_planner.profiles import ModelProfile, build_profile, preset  # noqa: E402
 from spantrain_planner.report import table  # noqa: E402
 from spantrain_planner.search import search  # noqa: E402
-from spantrain_testbed import StartupGate, Testbed  # noqa: E402
+from spantrain_testbed import StartupGate, Testbed, cgroups  # noqa: E402
+from spantrain_testbed.cgroups import CpuQuota  # noqa: E402
 
 PY = sys.executable
 RESULTS = ROOT / "bench" / "results"
@@ -633,7 +634,9 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
             f" In {', '.join(sorted(args.repeat_envs))}, rows whose runs take at most "
             f"{REPEAT_MAX_SECONDS:.0f} s are run {args.repeats} times, interleaved (A B A B "
             "...), and report the median run." if args.repeats > 1 else ""),
-        "Compute: cgroup CPU quotas (CFS period max(5 ms, 1 ms / cores): 8.3 ms at 0.12 "
+        f"Compute: cgroup CPU quotas (CFS period max({cgroups.PERIOD_US / 1e3:g} ms, "
+        f"{cgroups.MIN_QUOTA_US / 1e3:g} ms / cores): "
+        f"{CpuQuota(0, 'paper', CORES).period_us / 1e3:.1f} ms at {CORES:.2f} "
         "cores), 1 thread per device; every compute action of SpanTrain's worker lasts at "
         "least its CPU time / the device's share (SPANTRAIN_PACE_CORES), because a quota lets "
         "a process that was idle burst through its first quota's worth of CPU at full speed, "

@@ -262,7 +262,10 @@ def simulate(
         max((k for k, (kind, _) in enumerate(acts) if kind in ("W", "BW")), default=-1)
         for acts in parsed
     ]
-    layer_sums = [sums.range(i, i + 1) for i in range(profile.num_layers)]
+    layer_sums = (  # only plans with overlapped buckets need per-layer costs
+        [sums.range(i, i + 1) for i in range(profile.num_layers)]
+        if any(st.grad_buckets for st in stages) else []
+    )
     layer_done: dict[tuple[int, int], float] = {}  # (rank, layer) -> its gradient is final
 
     pointer = dict.fromkeys(ranks, 0)
