@@ -5,7 +5,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${SPANTRAIN_CACHE:-$HOME/.cache/spantrain}
 PYTHON_BIN=${PYTHON:-python3}
-KEY=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)
+# keyed by what pip installs (build system, dependencies, extras), not by the whole file, so a
+# new pytest marker or lint setting does not rebuild the environment
+KEY=$(sed -n '/^\[build-system\]/,/^\[project.scripts\]/p' "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)
 VENV=$CACHE/venv-$KEY
 mkdir -p "$CACHE"
 if [ ! -f "$VENV/.complete" ]; then

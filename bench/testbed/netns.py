@@ -46,7 +46,7 @@ import re
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from spantrain_planner.cluster import Topology
@@ -204,12 +204,21 @@ def _shaping(
     return Shaping(interface, netns, "htb", classes)
 
 
-def plan_network(topology: Topology, instance: int, bandwidth_scale: float = 1.0) -> NetPlan:
+def plan_network(
+    topology: Topology,
+    instance: int,
+    bandwidth_scale: float = 1.0,
+    routed: Mapping[int, Sequence[str]] | None = None,
+) -> NetPlan:
     """Names, addresses and token buckets for ``topology`` (pure).
 
     ``bandwidth_scale`` multiplies every link rate (the benchmark scales a 100 Mbit/s WAN
-    down together with compute so that transfer/compute proportions are kept).
+    down together with compute so that transfer/compute proportions are kept). ``routed``
+    maps a device index to networks (CIDRs) reached through that device, such as the pod
+    network of a Kubernetes node running in it: traffic to them is shaped like traffic to the
+    device itself (the caller adds the routes).
     """
+    extra = {i: tuple(cidrs) for i, cidrs in (routed or {}).items()}
     if not 0 <= instance <= MAX_INSTANCE:
         raise ValueError(f"testbed instance must be 0..{MAX_INSTANCE}, got {instance}")
     if not 0 < topology.num_devices <= MAX_DEVICES:
@@ -251,9 +260,10 @@ def plan_network(topology: Topology, instance: int, bandwidth_scale: float = 1.0
                 continue
             dst = members[other.index][0].index
             rate = _rate_bits(topology.bandwidth[src][dst], bandwidth_scale)
-            groups.append(
-                (f"{node.name}->{other.name}", rate, tuple(d.address for d in members[other.index]))
+            dests = tuple(
+                a for d in members[other.index] for a in (d.address, *extra.get(d.index, ()))
             )
+            groups.append((f"{node.name}->{other.name}", rate, dests))
         shaping.append(_shaping(node.uplink_if, None, groups, other_traffic=False))
     for dev in devices:
         peers = [p for p in members[dev.node_index] if p.index != dev.index]
@@ -261,7 +271,7 @@ def plan_network(topology: Topology, instance: int, bandwidth_scale: float = 1.0
             (
                 f"{dev.device_id}->{p.device_id}",
                 _rate_bits(topology.bandwidth[dev.index][p.index], bandwidth_scale),
-                (p.address,),
+                (p.address, *extra.get(p.index, ())),
             )
             for p in peers
         ]
@@ -335,7 +345,8 @@ def shaping_commands(shaping: Shaping) -> list[list[str]]:
                      f"{cls.minor:x}:", "bfifo", "limit", str(cls.queue_bytes)])
         for dest in cls.destinations:
             cmds.append([*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip",
-                         "prio", "1", "u32", "match", "ip", "dst", f"{dest}/32",
+                         "prio", "1", "u32", "match", "ip", "dst",
+                         dest if "/" in dest else f"{dest}/32",
                          "flowid", classid])
     return cmds
 

@@ -167,9 +167,13 @@ class Testbed:
     bandwidth_scale: float = 1.0
     shares: int = cgroups.DEFAULT_SHARES
     persistent: bool = False
+    #: networks reached through a device (device index -> CIDRs), shaped like the device
+    routed: Mapping[int, Sequence[str]] | None = None
 
     def __post_init__(self) -> None:
-        self.net: NetPlan = plan_network(self.topology, self.instance, self.bandwidth_scale)
+        self.net: NetPlan = plan_network(
+            self.topology, self.instance, self.bandwidth_scale, self.routed
+        )
         self.quotas: list[CpuQuota] = plan_quotas(
             [d.id for d in self.topology.devices],
             [d.flops for d in self.topology.devices],

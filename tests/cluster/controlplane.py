@@ -215,94 +215,73 @@ def _openssl(cwd: Path, *args: str) -> None:
         )
 
 
-def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) -> Pki:
+def _default_sans(extra_ips: Sequence[str] = ()) -> list[str]:
+    return [
+        "IP:127.0.0.1",
+        f"IP:{SERVICE_IP}",
+        *(f"IP:{ip}" for ip in extra_ips),
+        "DNS:localhost",
+        "DNS:kubernetes",
+        "DNS:kubernetes.default",
+        "DNS:kubernetes.default.svc",
+        "DNS:kubernetes.default.svc.cluster.local",
+    ]
+
+
+def issue_cert(
+    pki_dir: Path, stem: str, subj: str, *, server_sans: Sequence[str] | None = None
+) -> tuple[Path, Path]:
+    """Issue ``<stem>.crt``/``<stem>.key`` signed by the CA in ``pki_dir``.
+
+    A client certificate unless ``server_sans`` is given (``IP:…``/``DNS:…`` entries), which
+    makes it a serving certificate for those names.
+    """
+    d = pki_dir
+    if server_sans is None:
+        ext = "client.ext"
+    else:
+        ext = f"{stem}.ext"
+        (d / ext).write_text(
+            f"subjectAltName={','.join(server_sans)}\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth,clientAuth\n"
+        )
+    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{stem}.key",
+             "-out", f"{stem}.csr", "-subj", subj)
+    _openssl(d, "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "7", "-extfile", ext, "-out", f"{stem}.crt")
+    return d / f"{stem}.crt", d / f"{stem}.key"
+
+
+def make_pki(
+    directory: Path,
+    clients: Mapping[str, tuple[str, Sequence[str]]],
+    server_ips: Sequence[str] = (),
+) -> Pki:
     """Create a CA, the apiserver serving cert, the service-account key pair and client certs.
 
     ``clients`` maps a file stem to ``(common_name, groups)``; groups become O= entries, which
-    is how kube-apiserver reads group membership from client certificates.
+    is how kube-apiserver reads group membership from client certificates. ``server_ips`` are
+    extra addresses the apiserver's certificate is valid for (besides 127.0.0.1).
     """
     if shutil.which("openssl") is None:
         raise ControlPlaneError("the 'openssl' CLI is required (apt-get install openssl)")
     d = directory
     d.mkdir(parents=True, exist_ok=True)
-    days = "7"
-    _openssl(
-        d,
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        days,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=spantrain-test-ca",
-    )
-    sans = ",".join(
-        [
-            "IP:127.0.0.1",
-            f"IP:{SERVICE_IP}",
-            "DNS:localhost",
-            "DNS:kubernetes",
-            "DNS:kubernetes.default",
-            "DNS:kubernetes.default.svc",
-            "DNS:kubernetes.default.svc.cluster.local",
-        ]
-    )
-    (d / "server.ext").write_text(
-        f"subjectAltName={sans}\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\n"
-    )
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+             "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=spantrain-test-ca")
     (d / "client.ext").write_text(
         "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
     )
-
-    def issue(stem: str, subj: str, ext: str) -> tuple[Path, Path]:
-        _openssl(
-            d,
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{stem}.key",
-            "-out",
-            f"{stem}.csr",
-            "-subj",
-            subj,
-        )
-        _openssl(
-            d,
-            "x509",
-            "-req",
-            "-in",
-            f"{stem}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            days,
-            "-extfile",
-            ext,
-            "-out",
-            f"{stem}.crt",
-        )
-        return d / f"{stem}.crt", d / f"{stem}.key"
-
-    apiserver_crt, apiserver_key = issue("apiserver", "/CN=kube-apiserver", "server.ext")
+    apiserver_crt, apiserver_key = issue_cert(
+        d, "apiserver", "/CN=kube-apiserver", server_sans=_default_sans(server_ips)
+    )
     _openssl(d, "genrsa", "-out", "sa.key", "2048")
     _openssl(d, "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
     issued: dict[str, tuple[Path, Path]] = {}
     for stem, (cn, groups) in clients.items():
         subj = "".join(f"/O={g}" for g in groups) + f"/CN={cn}"
-        issued[stem] = issue(stem, subj, "client.ext")
+        issued[stem] = issue_cert(d, stem, subj)
     return Pki(
         dir=d,
         ca_crt=d / "ca.crt",
@@ -764,6 +743,10 @@ class ControlPlane(ClusterHelpers):
 
     COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.COMPONENTS if self.with_kwok else self.COMPONENTS[:-1]
+
     def __init__(
         self,
         bin_dir: str | os.PathLike[str],
@@ -774,8 +757,19 @@ class ControlPlane(ClusterHelpers):
         keep_logs: bool | None = None,
         pdeathsig: bool = True,
         verbosity: int = 1,
+        host: str = "127.0.0.1",
+        kwok: bool = True,
+        service_cidr: str = SERVICE_CIDR,
     ) -> None:
         self.bin_dir = Path(bin_dir)
+        # ``host``: where the API server listens and what it advertises. 127.0.0.1 (the
+        # default) serves fake nodes; real nodes in other network namespaces need an address
+        # they can reach, and pods reach it through the ``kubernetes`` Service, so the API
+        # server then keeps that Service's endpoints (lease reconciler) and authorizes
+        # kubelets with the Node authorizer.
+        self.host = host
+        self.with_kwok = kwok
+        self.service_cidr = service_cidr
         etcd = etcd_bin or shutil.which("etcd") or "/usr/bin/etcd"
         self.etcd_bin = Path(etcd)
         if work_root is None:
@@ -840,7 +834,7 @@ class ControlPlane(ClusterHelpers):
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self._ports.apiserver}"
+        return f"https://{self.host}:{self._ports.apiserver}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -884,7 +878,7 @@ class ControlPlane(ClusterHelpers):
             )
 
     def _binary_paths(self) -> dict[str, Path]:
-        paths = {name: self.bin_dir / name for name in self.COMPONENTS if name != "etcd"}
+        paths = {name: self.bin_dir / name for name in self.components if name != "etcd"}
         paths["etcd"] = self.etcd_bin
         return paths
 
@@ -899,6 +893,7 @@ class ControlPlane(ClusterHelpers):
                 "scheduler": ("system:kube-scheduler", []),
                 "front-proxy-client": ("front-proxy-client", []),
             },
+            server_ips=() if self.host == "127.0.0.1" else (self.host,),
         )
         for stem, user in (
             ("admin", "spantrain-admin"),
@@ -911,6 +906,18 @@ class ControlPlane(ClusterHelpers):
             )
         admin_crt, admin_key = pki.clients["admin"]
         v = f"--v={self.verbosity}"
+        loopback = self.host == "127.0.0.1"
+        if loopback:
+            reach = ["--endpoint-reconciler-type=none", "--authorization-mode=RBAC"]
+        else:
+            reach = [
+                "--endpoint-reconciler-type=lease",
+                "--authorization-mode=Node,RBAC",
+                # logs/exec/port-forward: the API server calls kubelets by their InternalIP
+                f"--kubelet-client-certificate={admin_crt}",
+                f"--kubelet-client-key={admin_key}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+            ]
 
         # etcd 3.4 (no --unsafe-no-fsync; the data dir is on tmpfs instead)
         etcd_url = f"http://127.0.0.1:{ports.etcd_client}"
@@ -947,9 +954,9 @@ class ControlPlane(ClusterHelpers):
                 str(bins["kube-apiserver"]),
                 f"--etcd-servers={etcd_url}",
                 "--etcd-prefix=/registry",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.host}",
                 f"--secure-port={ports.apiserver}",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={self.host}",
                 f"--cert-dir={work / 'apiserver-certs'}",
                 f"--tls-cert-file={pki.apiserver_crt}",
                 f"--tls-private-key-file={pki.apiserver_key}",
@@ -966,10 +973,9 @@ class ControlPlane(ClusterHelpers):
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=RBAC",
+                f"--service-cluster-ip-range={self.service_cidr}",
+                *reach,
                 "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 # WatchList (beta, on in 1.32) turns a WATCH with allowWatchBookmarks=true and
                 # resourceVersion 0/"" into a watch stream, which needs etcd's
@@ -1033,6 +1039,12 @@ class ControlPlane(ClusterHelpers):
                 v,
             ],
         )
+        self._wait_http(kcm, f"https://127.0.0.1:{ports.kcm}/healthz", insecure, timeout)
+        self._wait_http(
+            scheduler, f"https://127.0.0.1:{ports.scheduler}/healthz", insecure, timeout
+        )
+        if not self.with_kwok:
+            return
         kwok_cfg = work / "kwok.yaml"
         kwok_cfg.write_text(kwok_config())
         kwok = self._spawn(
@@ -1049,10 +1061,6 @@ class ControlPlane(ClusterHelpers):
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{ports.kwok}",
             ],
-        )
-        self._wait_http(kcm, f"https://127.0.0.1:{ports.kcm}/healthz", insecure, timeout)
-        self._wait_http(
-            scheduler, f"https://127.0.0.1:{ports.scheduler}/healthz", insecure, timeout
         )
         self._wait_http(kwok, f"http://127.0.0.1:{ports.kwok}/healthz", None, timeout)
 
