@@ -20,6 +20,7 @@ structural and declares only SpanTrain's fields). Run with ``spantrain operator`
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -41,6 +42,12 @@ from . import inventory, k8s, metrics, planqueue, reconcile, render, scrape, sta
 INTERVAL = float(os.environ.get("SPANTRAIN_RECONCILE_INTERVAL", "2"))
 DEFAULT_IMAGE = os.environ.get("SPANTRAIN_WORKER_IMAGE", render.DEFAULT_IMAGE)
 #: Seconds between progress reads of one job, and the timeout of one read.
+#: JSON list of NetworkPolicy peers that may scrape workers; set (even to []) by the chart's
+#: ``networkPolicy.enabled`` to give every job a NetworkPolicy
+NETWORK_POLICY = os.environ.get("SPANTRAIN_NETWORK_POLICY_SCRAPERS")
+NETWORK_POLICY_SCRAPERS: list[dict[str, Any]] | None = (
+    json.loads(NETWORK_POLICY) if NETWORK_POLICY else None
+)
 PROGRESS_INTERVAL = float(os.environ.get("SPANTRAIN_PROGRESS_INTERVAL", "15"))
 PROGRESS_TIMEOUT = float(os.environ.get("SPANTRAIN_PROGRESS_TIMEOUT", "1"))
 
@@ -221,6 +228,15 @@ def _forget(namespace: str, name: str, uid: str) -> None:
     _planner.forget(uid)
 
 
+def _observe_plan(namespace: str, name: str, plan: Plan) -> None:
+    pred = plan.predicted
+    metrics.observe_plan(
+        namespace, name,
+        samples_per_second=pred.samples_per_second if pred is not None else None,
+        step_seconds=pred.step_seconds if pred is not None else None,
+    )
+
+
 def _timed_plan(
     spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
 ) -> Plan:
@@ -259,10 +275,12 @@ def _run(
         _apply(body, old_status, reconcile.plan_failed(state, "InvalidSpec", str(err)), logger)
         return
     plan = _load_plan(namespace, old_status)
+    if plan is not None:
+        _observe_plan(namespace, name, plan)
     target = status.metrics_target(pods, old_status)
     report = _scraper.poll(uid, target, render.METRICS_PORT) if target else None
     state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes, now,
-                               DEFAULT_IMAGE, report)
+                               DEFAULT_IMAGE, report, NETWORK_POLICY_SCRAPERS)
     decision = reconcile.decide(state)
     reason = decision.replan
     if reason:
@@ -283,7 +301,7 @@ def _run(
                 metrics.PLANS_QUEUED.set(_planner.queued())
                 return  # queued behind other jobs' plans; the timer comes back
             metrics.PLANS_QUEUED.set(_planner.queued())
-            metrics.REPLANS.labels(reason=reason).inc()
+            metrics.planned(namespace, name, reason)
             plan = new_plan
             digest = new_plan.digest()
             _plans[digest] = new_plan
@@ -295,9 +313,7 @@ def _run(
                 state, new_plan, reason, config_map=cm["metadata"]["name"]
             )
             decision.events = early + decision.events
-            pred = new_plan.predicted
-            if pred is not None:
-                metrics.PREDICTED_SAMPLES.labels(namespace, name).set(pred.samples_per_second)
+            _observe_plan(namespace, name, new_plan)
             # write the plan, then go on to pods in the same pass
             _apply(body, old_status, decision, logger)
             old_status = decision.status
@@ -307,7 +323,7 @@ def _run(
             decision = reconcile.decide(state)
     _apply(body, old_status, decision, logger)
     if decision.restarted:
-        metrics.RESTARTS.labels(namespace=namespace).inc()
+        metrics.restarted(namespace, name)
         # the failed attempt's pods are going: create the next attempt's in the same pass
         old_status = decision.status
         pods = _marked_deleting(pods, decision.delete_pods, now)

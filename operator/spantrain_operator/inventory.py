@@ -89,6 +89,9 @@ class NodeFacts:
     ready: bool = True
     schedulable: bool = True
     compute_source: str = "table"
+    #: measured fixed cost per layer and pass (profile ``layerOverheadUs``); None: the
+    #: planner's default for the kind of device
+    layer_overhead_us: float | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -275,6 +278,9 @@ def read_node(node: Mapping[str, Any]) -> NodeFacts:
         ready=is_ready(node),
         schedulable=not (node.get("spec") or {}).get("unschedulable", False),
         compute_source=compute_source,
+        layer_overhead_us=_float(str(measured.get("layerOverheadUs")))
+        if "layerOverheadUs" in measured
+        else None,
     )
 
 
@@ -403,6 +409,7 @@ def build_inventory(
                         accelerator=f.accelerator,
                         compute_tflops=f.compute_tflops,
                         memory_bytes=f.memory_bytes,
+                        layer_overhead_us=f.layer_overhead_us,
                     )
                 ],
             )

@@ -59,6 +59,8 @@ class Kube:
                 self.core.create_namespaced_config_map(ns, obj)
             elif kind == "Service":
                 self.core.create_namespaced_service(ns, obj)
+            elif kind == "NetworkPolicy":
+                client.NetworkingV1Api(self.api).create_namespaced_network_policy(ns, obj)
             else:
                 key = f"{obj['apiVersion']}/{kind}"
                 group, version = obj["apiVersion"].split("/")

@@ -70,6 +70,8 @@ class JobState:
     now: datetime
     default_image: str = render.DEFAULT_IMAGE
     report: WorkerReport | None = None  # rank 0's metrics, when read this pass
+    #: NetworkPolicy peers allowed to scrape workers; None: no NetworkPolicy per job
+    network_policy_scrapers: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -265,6 +267,8 @@ def decide(s: JobState) -> Decision:
         cm = render.config_map(s.job, s.spec, plan)
         d.create.append(cm)
         d.create.append(render.service(s.job, s.spec))
+        if s.network_policy_scrapers is not None:
+            d.create.append(render.network_policy(s.job, s.spec, s.network_policy_scrapers))
         group = render.pod_group(s.job, s.spec, plan, attempt)
         if group is not None:
             d.create.append(group)
@@ -282,7 +286,7 @@ def decide(s: JobState) -> Decision:
     elif status.get_condition(st["conditions"], "Degraded") is not None:
         _cond(st, s, "Degraded", False, "NodesReady", "every planned node is Ready")
     if s.report is not None and ready == plan.world_size:
-        st["progress"] = status.progress_from_report(s.report, s.spec, now=s.now)
+        st["progress"] = status.progress_from_report(s.report, s.spec, now=s.now, plan=plan)
     if ready == plan.world_size:
         if phase != "Running":
             d.events.append(("Normal", "Running", f"all {ready} workers are running"))

@@ -9,12 +9,26 @@ the node's architecture, ``spantrain worker``) and the optional gang-scheduling 
 names are deterministic (``<job>-a<attempt>-r<rank>``), which is what makes creation
 idempotent: a second create of the same pod is a conflict, never a duplicate.
 
+Worker pods are hardened like the operator's Deployment: non-root as the image's user (uid/gid
+10001, ``fsGroup`` 10001 so a checkpoint PVC is group-writable), ``RuntimeDefault`` seccomp,
+no privilege escalation, every capability dropped, a read-only root filesystem with an
+``emptyDir`` at ``/tmp`` for everything the worker, torch and matplotlib write (``HOME``,
+``TMPDIR``, ``XDG_CACHE_HOME``, ``MPLCONFIGDIR``, ``TORCHINDUCTOR_CACHE_DIR``,
+``TRITON_CACHE_DIR`` point there unless the job's ``env`` sets them).
+
+Network, per pod: with ``addressMode: auto`` a pod on a KubeEdge edge node runs on the host
+network (EdgeMesh does not resolve headless Services reliably), every other pod keeps its pod
+network and a DNS name in the job's headless Service; ``MASTER_ADDR`` is rank 0's DNS name, or
+its node's InternalIP when rank 0 itself is on an edge node. The explicit modes apply to every
+pod alike.
+
 Called by ``handlers``; pure. Must not import torch, spantrain_worker, kopf or the Kubernetes
 client.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -31,6 +45,21 @@ MANAGED_BY = "spantrain-operator"
 CONTAINER = "worker"
 PLAN_MOUNT = "/etc/spantrain/plan"
 METRICS_PORT = 9400
+#: The image's user (Dockerfile: ``useradd --uid 10001``); workers run as it.
+WORKER_UID = 10001
+#: The writable scratch directory (an ``emptyDir``) under the read-only root filesystem.
+SCRATCH_MOUNT = "/tmp"
+#: Where the worker, torch and matplotlib write, all under the scratch ``emptyDir``; a job's
+#: ``env`` entry of the same name wins.
+SCRATCH_ENV: dict[str, str] = {
+    "HOME": SCRATCH_MOUNT,
+    "TMPDIR": SCRATCH_MOUNT,
+    "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/cache",
+    "MPLCONFIGDIR": f"{SCRATCH_MOUNT}/matplotlib",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH_MOUNT}/torchinductor",
+    "TRITON_CACHE_DIR": f"{SCRATCH_MOUNT}/triton",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
 
 L_JOB = "spantrain.io/job-name"
 L_STAGE = "spantrain.io/stage-index"
@@ -138,14 +167,64 @@ def service(job: JobRef, spec: api.SpanTrainJobSpec) -> dict[str, Any]:
     }
 
 
+def network_policy(
+    job: JobRef, spec: api.SpanTrainJobSpec, scrapers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Ingress of the job's worker pods: anything from the job's own pods, the metrics port
+    from ``scrapers`` (NetworkPolicy peers, e.g. Prometheus's namespace and pods), nothing
+    else.
+
+    Not only the rendezvous port: gloo and NCCL connect every pair of ranks on ports they pick
+    at run time, so the job's pods must reach each other on any port. Pods on the host network
+    (KubeEdge edge nodes) are outside any NetworkPolicy.
+    """
+    own = {"podSelector": {"matchLabels": {L_JOB: job.name}}}
+    rules: list[dict[str, Any]] = [{"from": [own]}]
+    if scrapers:
+        rules.append({"from": scrapers, "ports": [{"protocol": "TCP", "port": "metrics"}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(job, job.name),
+        "spec": {
+            "podSelector": {"matchLabels": {L_JOB: job.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
+    }
+
+
 def address_mode(spec: api.SpanTrainJobSpec, plan: Plan, nodes: Mapping[str, NodeFacts]) -> str:
-    """The effective rendezvous address mode (``auto`` resolved)."""
+    """The job's rendezvous address mode with ``auto`` resolved: ``dns`` when no worker is on a
+    KubeEdge edge node, ``hostNetwork`` when every worker is, ``mixed`` otherwise (edge pods
+    on the host network, the others on DNS; see ``pod_host_network``)."""
     mode = spec.rendezvous.address_mode
     if mode != "auto":
         return mode
     used = {d.node for s in plan.stages for d in s.devices}
-    edge = any(nodes[n].platform == "kubeedge" for n in used if n in nodes)
-    return "hostNetwork" if edge else "dns"
+    edge = [_is_edge(nodes.get(n)) for n in sorted(used)]
+    if all(edge):
+        return "hostNetwork"
+    return "mixed" if any(edge) else "dns"
+
+
+def _is_edge(facts: NodeFacts | None) -> bool:
+    return facts is not None and facts.platform == "kubeedge"
+
+
+def pod_host_network(spec: api.SpanTrainJobSpec, facts: NodeFacts | None) -> bool:
+    """Whether the pod on a node with ``facts`` runs on the host network: always in
+    ``hostNetwork`` mode, on KubeEdge edge nodes in ``auto`` mode, never otherwise."""
+    mode = spec.rendezvous.address_mode
+    return mode == "hostNetwork" or (mode == "auto" and _is_edge(facts))
+
+
+def pod_address_mode(spec: api.SpanTrainJobSpec, facts: NodeFacts | None) -> str:
+    """How one pod is reached (``SPANTRAIN_ADDRESS_MODE``): dns, ip or hostNetwork."""
+    mode = spec.rendezvous.address_mode
+    if mode == "auto":
+        return "hostNetwork" if _is_edge(facts) else "dns"
+    return mode
 
 
 def master_address(
@@ -156,15 +235,54 @@ def master_address(
     attempt: int,
     rank0_pod_ip: str | None,
 ) -> str | None:
-    """Where every rank finds rank 0; None while it is not known yet (ip mode, no pod IP)."""
-    mode = address_mode(spec, plan, nodes)
+    """Where every rank finds rank 0; None while it is not known yet (ip mode, no pod IP).
+
+    rank 0 on the pod network (dns mode, auto off the edge): its name in the headless Service;
+    ip mode: its pod IP; rank 0 on the host network: its node's InternalIP (its pod IP, which
+    is the same address, when the node reports none).
+    """
+    node0 = plan.stages[0].devices[0].node
+    facts = nodes.get(node0)
+    mode = pod_address_mode(spec, facts)
     if mode == "dns":
         return f"{pod_name(job.name, attempt, 0)}.{service_name(job.name)}.{job.namespace}.svc"
     if mode == "ip":
         return rank0_pod_ip
-    node0 = plan.stages[0].devices[0].node
-    facts = nodes.get(node0)
     return facts.internal_ip if facts is not None and facts.internal_ip else rank0_pod_ip
+
+
+def worker_metrics_port(plan: Plan, rank: int, *, host_network: bool) -> int:
+    """The metrics port of ``rank``'s pod: ``METRICS_PORT`` on the pod network; on the host
+    network ``METRICS_PORT`` + the rank's index among the plan's ranks on the same node, so two
+    workers of one node do not collide (rank 0, the one the operator reads, always gets
+    ``METRICS_PORT``)."""
+    if not host_network:
+        return METRICS_PORT
+    node = next(d.node for s in plan.stages for d in s.devices if d.rank == rank)
+    ranks = sorted(d.rank for s in plan.stages for d in s.devices if d.node == node)
+    return METRICS_PORT + ranks.index(rank)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+#: Pod-level security context of every worker (the image's non-root user).
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "fsGroup": WORKER_UID,
+    # chown a checkpoint volume only when its root does not match yet (large volumes)
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+#: Container-level security context of every worker.
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def _image(spec: api.SpanTrainJobSpec, arch: str, default_image: str) -> str:
@@ -238,7 +356,6 @@ def worker_pods(
     others follow once ``rank0_pod_ip`` is known.
     """
     digest = plan.digest()
-    mode = address_mode(spec, plan, nodes)
     master = master_address(job, spec, plan, nodes, attempt, rank0_pod_ip)
     world = plan.world_size
     cm_name = plan_config_map_name(job.name, config_digest(spec, plan))
@@ -250,6 +367,8 @@ def worker_pods(
             if master is None and device.rank != 0:
                 continue
             facts = nodes.get(device.node)
+            host_network = pod_host_network(spec, facts)
+            metrics_port = worker_metrics_port(plan, device.rank, host_network=host_network)
             gpu = device.accelerator != "cpu"
             name = pod_name(job.name, attempt, device.rank)
             env: dict[str, str | int] = {
@@ -286,9 +405,11 @@ def worker_pods(
                 "SPANTRAIN_PLAN_PATH": f"{PLAN_MOUNT}/plan.json",
                 "SPANTRAIN_JOB_PATH": f"{PLAN_MOUNT}/job.json",
                 "SPANTRAIN_PLAN_HASH": digest,
-                "SPANTRAIN_ADDRESS_MODE": mode,
-                "SPANTRAIN_METRICS_PORT": METRICS_PORT,
+                "SPANTRAIN_ADDRESS_MODE": pod_address_mode(spec, facts),
+                "SPANTRAIN_METRICS_PORT": metrics_port,
             }
+            user_env = {e.name for e in spec.env}
+            env.update({k: v for k, v in SCRATCH_ENV.items() if k not in user_env})
             if checkpoint.path:
                 env["SPANTRAIN_CHECKPOINT_DIR"] = checkpoint.path
                 env["SPANTRAIN_CHECKPOINT_INTERVAL"] = checkpoint.interval_steps
@@ -302,29 +423,46 @@ def worker_pods(
                 }
             )
             mounts: list[dict[str, Any]] = [
-                {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}
+                {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
+                {"name": "scratch", "mountPath": SCRATCH_MOUNT},
             ]
             volumes: list[dict[str, Any]] = [
-                {"name": "plan", "configMap": {"name": cm_name}}
+                {"name": "plan", "configMap": {"name": cm_name}},
+                {"name": "scratch", "emptyDir": {}},
             ]
-            if checkpoint.path and checkpoint.claim_name:
+            if checkpoint.path and (
+                checkpoint.claim_name or not _under(checkpoint.path, SCRATCH_MOUNT)
+            ):
+                # the root filesystem is read-only: without a claim the checkpoints live in
+                # an emptyDir (they survive container restarts, not a new pod)
                 mounts.append({"name": "checkpoint", "mountPath": checkpoint.path})
                 volumes.append(
                     {
                         "name": "checkpoint",
                         "persistentVolumeClaim": {"claimName": checkpoint.claim_name},
                     }
+                    if checkpoint.claim_name
+                    else {"name": "checkpoint", "emptyDir": {}}
                 )
             container: dict[str, Any] = {
                 "name": CONTAINER,
                 "image": _image(spec, device.arch, default_image),
-                "command": ["spantrain", "worker"],
+                # args only: the image's entrypoint (tini -- spantrain) stays PID 1, reaps
+                # the worker's children and forwards SIGTERM
+                "args": ["worker"],
                 "env": env_list,
+                # on the host network a declared port is a host port the scheduler reserves:
+                # there only rank 0 (the store) declares the rendezvous port
                 "ports": [
-                    {"name": "rendezvous", "containerPort": spec.rendezvous.port},
-                    {"name": "metrics", "containerPort": METRICS_PORT},
+                    *(
+                        [{"name": "rendezvous", "containerPort": spec.rendezvous.port}]
+                        if device.rank == 0 or not host_network
+                        else []
+                    ),
+                    {"name": "metrics", "containerPort": metrics_port},
                 ],
                 "volumeMounts": mounts,
+                "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
             }
             if spec.image_pull_policy:
                 container["imagePullPolicy"] = spec.image_pull_policy
@@ -333,6 +471,7 @@ def worker_pods(
                 container["resources"] = resources
             pod_spec: dict[str, Any] = {
                 "restartPolicy": "Never",
+                "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
                 "containers": [container],
                 "volumes": volumes,
                 "affinity": {
@@ -356,7 +495,7 @@ def worker_pods(
                 "enableServiceLinks": False,
                 "terminationGracePeriodSeconds": 30,
             }
-            if mode == "hostNetwork":
+            if host_network:
                 pod_spec["hostNetwork"] = True
                 pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
             else:
@@ -365,7 +504,14 @@ def worker_pods(
             if gpu and facts is not None and facts.platform == "k3s":
                 pod_spec["runtimeClassName"] = "nvidia"
             sched = spec.scheduling
-            annotations = {A_DEVICE: device.device_id, A_NODE: device.node}
+            annotations = {
+                A_DEVICE: device.device_id,
+                A_NODE: device.node,
+                # for annotation-driven Prometheus scrape configs
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(metrics_port),
+                "prometheus.io/path": "/metrics",
+            }
             labels = {
                 L_STAGE: str(stage.stage_index),
                 L_REPLICA: str(replica),
@@ -387,6 +533,9 @@ def worker_pods(
                 pod_spec["priorityClassName"] = sched.priority_class_name
             if spec.service_account_name:
                 pod_spec["serviceAccountName"] = spec.service_account_name
+            else:
+                # workers never call the API: no token unless the job names an account
+                pod_spec["automountServiceAccountToken"] = False
             meta = _meta(job, name, labels)
             meta["annotations"] = annotations
             pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec})

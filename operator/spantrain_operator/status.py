@@ -267,8 +267,10 @@ def stage_statuses(plan: Plan, obs: Observation) -> list[dict[str, Any]]:
 def progress_block(
     step: int, steps: int, *, loss: float | None, samples_per_second: float | None,
     step_seconds: float | None, now: datetime,
+    predicted_samples_per_second: float | None = None,
 ) -> dict[str, Any]:
-    """``status.progress`` from what the workers report (ETA from the step time)."""
+    """``status.progress`` from what the workers report (ETA from the step time), the plan's
+    predicted throughput beside the measured one."""
     left = max(steps - step, 0)
     block: dict[str, Any] = {
         "step": step,
@@ -280,6 +282,8 @@ def progress_block(
         block["loss"] = loss
     if samples_per_second is not None:
         block["samplesPerSecond"] = samples_per_second
+    if predicted_samples_per_second is not None:
+        block["predictedSamplesPerSecond"] = round(predicted_samples_per_second, 3)
     if step_seconds is not None:
         block["estimatedRemainingSeconds"] = int(left * step_seconds)
     return block
@@ -388,10 +392,12 @@ def metrics_target(
 
 
 def progress_from_report(
-    report: WorkerReport, spec: api.SpanTrainJobSpec, *, now: datetime
+    report: WorkerReport, spec: api.SpanTrainJobSpec, *, now: datetime,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """``status.progress`` from a worker's report; the ETA uses the current throughput
-    (global batch / samples per second) and falls back on the mean step time."""
+    (global batch / samples per second) and falls back on the mean step time. With ``plan``,
+    its predicted throughput goes beside the measured one."""
     steps = spec.training.steps
     step_seconds = report.step_seconds
     if report.samples_per_second:
@@ -403,4 +409,8 @@ def progress_from_report(
             round(report.samples_per_second, 3) if report.samples_per_second else None
         ),
         step_seconds=step_seconds, now=now,
+        predicted_samples_per_second=(
+            plan.predicted.samples_per_second
+            if plan is not None and plan.predicted is not None else None
+        ),
     )

@@ -390,8 +390,10 @@ class RendezvousSpec(_Spec):
         "auto",
         description="dns: rank 0's name in the job's headless Service; ip: rank 0's pod IP "
         "(workers are created once rank 0 has one); hostNetwork: pods on the host network, "
-        "rank 0's node InternalIP. auto: dns, or hostNetwork when a worker lands on a KubeEdge "
-        "node (EdgeMesh does not resolve headless Services reliably).",
+        "rank 0's node InternalIP. auto, per pod: pods on KubeEdge edge nodes on the host "
+        "network (EdgeMesh does not resolve headless Services reliably), the others on dns; "
+        "rank 0 is found by its DNS name, or by its node's InternalIP when it is on an edge "
+        "node.",
     )
 
 
@@ -667,7 +669,12 @@ class Progress(_Status):
     steps: int = Field(0, ge=0, description="Steps to train.")
     progress_percentage: int = Field(0, ge=0, le=100, description="step / steps, in percent.")
     loss: float | None = Field(None, description="Last reported training loss.")
-    samples_per_second: float | None = Field(None, description="Measured throughput.")
+    samples_per_second: float | None = Field(
+        None, description="Measured throughput (samples/s), read from rank 0's metrics."
+    )
+    predicted_samples_per_second: float | None = Field(
+        None, description="Throughput the current plan predicts (samples/s), beside the measured."
+    )
     estimated_remaining_seconds: int | None = Field(None, ge=0, description="ETA.")
     last_updated_time: str | None = Field(
         None, json_schema_extra={"format": "date-time"}, description="When progress was read."

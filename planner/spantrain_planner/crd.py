@@ -74,14 +74,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.progress.samplesPerSecond",
         "description": "Measured training throughput (samples/s), read from rank 0's metrics.",
     },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "Step",
         "type": "integer",
         "jsonPath": ".status.progress.step",
-        "priority": 1,
         "description": "Last completed optimizer step.",
     },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "ETA",
         "type": "integer",

@@ -286,7 +286,7 @@ def kube_proxy_config(node: RealNode, kubeconfig: Path) -> str:
     }, indent=1)
 
 
-def coredns_manifests(image: str) -> list[dict[str, Any]]:
+def coredns_manifests(image: str, node: str) -> list[dict[str, Any]]:
     """CoreDNS as a Deployment behind ``kube-dns`` (ttl 2: a name looked up before its pod
     existed is not cached as missing for 30 s)."""
     labels = {"k8s-app": "kube-dns"}
@@ -333,7 +333,7 @@ def coredns_manifests(image: str) -> list[dict[str, Any]]:
                      "serviceAccountName": "coredns",
                      "dnsPolicy": "Default",
                      "priorityClassName": "system-cluster-critical",
-                     "nodeSelector": {"spantrain.io/tier": "cloud"},
+                     "nodeSelector": {"kubernetes.io/hostname": node},
                      "containers": [{
                          "name": "coredns",
                          "image": image,
@@ -637,7 +637,7 @@ class RealCluster:
             self._start_node_agents(node)
         self.wait_nodes_ready([n.name for n in self.nodes], timeout=120)
         self._label_nodes()
-        self.apply(coredns_manifests(self.coredns_image))
+        self.apply(coredns_manifests(self.coredns_image, self.system_node))
         self.wait_deployment("kube-system", "coredns", timeout=120)
 
     def _write_node_files(self, node: RealNode, proxy_crt: Path, proxy_key: Path) -> None:
@@ -867,6 +867,12 @@ class RealCluster:
                         + self.kubectl("describe", "pods", "-n", namespace, check=False)[-3000:])
                 time.sleep(1)
 
+    @property
+    def system_node(self) -> str:
+        """The node cluster services (CoreDNS) run on: the first cloud node."""
+        return next((n.name for n in self.spec.nodes if n.tier == "cloud"),
+                    self.spec.nodes[0].name)
+
     def node_by_name(self, name: str) -> RealNode:
         return next(n for n in self.nodes if n.name == name)
 
@@ -892,10 +898,11 @@ def leftovers(instance: int) -> list[str]:
                 if comm in CLUSTER_PROCESSES:
                     found.append(f"process {comm} ({entry.name})")
     found += [f"mount {m}" for m in _mounts_under([RUN_ROOT, CACHE_ROOT / "cluster"])]
-    names = _run(["ip", "-o", "link", "show"]).split("\n") + _run(["ip", "netns", "list"]).split(
-        "\n")
-    found += [f"link/netns {line.split(':')[1].strip() if ':' in line else line.split()[0]}"
-              for line in names if f"stb{instance}-" in line]
+    links = [line.split(":")[1].strip().split("@")[0]
+             for line in _run(["ip", "-o", "link", "show"]).splitlines() if ":" in line]
+    found += [f"link {name}" for name in links if name.startswith(f"stb{instance}-")]
+    found += [f"netns {line.split()[0]}" for line in _run(["ip", "netns", "list"]).splitlines()
+              if line.startswith(f"stb{instance}-")]
     found += [f"cgroup {d}" for d in _cgroup_dirs(instance, None) if d.exists()]
     found += [f"cgroup {tb_cgroups.group(instance)}"] if tb_cgroups.group(instance).exists() else []
     chains = _run(["iptables-save"], check=False)

@@ -62,7 +62,7 @@ def test_crd_names_columns_and_rules() -> None:
     version = doc["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert columns == ["Phase", "Stages", "Ready", "Restarts", "Throughput", "Age"]
+    assert columns == ["Phase", "Stages", "Ready", "Restarts", "Throughput", "Step", "Age"]
     rules = [r["rule"] for r in version["schema"]["openAPIV3Schema"]["properties"]["spec"]
              ["x-kubernetes-validations"]]
     assert any("oldSelf.runPolicy.activeDeadlineSeconds" in r for r in rules)

@@ -69,6 +69,14 @@ def test_precedence_profile_then_annotation_then_label() -> None:
     facts = inventory.read_node(node("n", labels, annotations={"spantrain.io/profile": prof}))
     assert (facts.compute_tflops, facts.memory_bytes, facts.bandwidth_mbps) == (9.5, 123, 42.0)
     assert facts.compute_source == "profile"
+    assert facts.layer_overhead_us is None
+    prof = json.dumps({"computeTflops": 0.02, "layerOverheadUs": 850})
+    facts = inventory.read_node(node("n", labels, annotations={"spantrain.io/profile": prof}))
+    assert facts.layer_overhead_us == 850.0
+    inv = inventory.build_inventory([node("n", labels, annotations={
+        "spantrain.io/profile": prof})], PlacementSpec())
+    assert inv.cluster is not None
+    assert inv.cluster.nodes[0].devices[0].layer_overhead_us == 850.0
 
 
 def test_edge_platforms_and_tiers() -> None:

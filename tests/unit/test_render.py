@@ -82,12 +82,13 @@ def test_one_pod_per_device_with_rendezvous_env() -> None:
     assert e2["SPANTRAIN_DEVICE"] == "cpu"
     c0, c2 = pods[0]["spec"]["containers"][0], pods[2]["spec"]["containers"][0]
     assert c0["image"] == "img:amd" and c2["image"] == "img:arm"
-    assert c0["command"] == ["spantrain", "worker"]
+    assert c0["args"] == ["worker"] and "command" not in c0
     assert c0["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "resources" not in c2 or "nvidia.com/gpu" not in c2["resources"].get("limits", {})
     assert c0["volumeMounts"][0] == {"name": "plan", "mountPath": "/etc/spantrain/plan",
                                      "readOnly": True}
-    assert pods[0]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"] == "pvc"
+    volumes = {v["name"]: v for v in pods[0]["spec"]["volumes"]}
+    assert volumes["checkpoint"]["persistentVolumeClaim"]["claimName"] == "pvc"
     term = pods[2]["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert term["matchFields"] == [{"key": "metadata.name", "operator": "In",
@@ -111,12 +112,93 @@ def test_rendering_is_deterministic() -> None:
         JOB, s, plan, facts(), attempt=0)
 
 
-def test_auto_mode_uses_host_network_on_kubeedge() -> None:
+def test_auto_mode_puts_only_edge_pods_on_the_host_network() -> None:
+    """Ranks 0, 1 on the cloud node keep DNS rendezvous; rank 2 on the KubeEdge node runs on
+    the host network and still finds rank 0 by its name (ClusterFirstWithHostNet)."""
     plan = make_plan()
     pods = render.worker_pods(JOB, spec(), plan, facts(), attempt=0)
-    assert render.address_mode(spec(), plan, facts()) == "hostNetwork"
-    assert pods[0]["spec"]["hostNetwork"] is True
+    assert render.address_mode(spec(), plan, facts()) == "mixed"
+    cloud, edge = pods[0]["spec"], pods[2]["spec"]
+    assert "hostNetwork" not in cloud and cloud["hostname"] == "gpt-a0-r0"
+    assert cloud["subdomain"] == "gpt"
+    assert edge["hostNetwork"] is True and edge["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "hostname" not in edge and "subdomain" not in edge
+    assert {env(p)["MASTER_ADDR"] for p in pods} == {"gpt-a0-r0.gpt.ml.svc"}
+    assert [env(p)["SPANTRAIN_ADDRESS_MODE"] for p in pods] == ["dns", "dns", "hostNetwork"]
+    # rank 2 alone on its node: the default metrics port; no rendezvous host port (rank 0's)
+    ports = {p["name"]: p["containerPort"] for p in edge["containers"][0]["ports"]}
+    assert ports == {"metrics": 9400}
+    # explicit modes apply to every pod alike
+    dns = render.worker_pods(JOB, spec(rendezvous={"addressMode": "dns"}), plan, facts(),
+                             attempt=0)
+    assert not any(p["spec"].get("hostNetwork") for p in dns)
+
+
+def test_auto_mode_with_rank0_on_an_edge_node_uses_its_internal_ip() -> None:
+    """Stages swapped: rank 0 on the edge node, so every rank meets it at the node's
+    InternalIP; the cloud pods stay on the pod network."""
+    topo = resolve(cluster())
+    layouts = [StageLayout(0, 3, (2,), (4,)), StageLayout(3, 8, (0, 1), (3, 1))]
+    plan, _ = assemble(layouts, topo, preset("gpt-mini"), schedule="1f1b", num_microbatches=4)
+    assert plan.stages[0].devices[0].node == "edge-0"
+    pods = render.worker_pods(JOB, spec(), plan, facts(), attempt=0)
+    assert {env(p)["MASTER_ADDR"] for p in pods} == {"10.0.0.0"}  # edge-0's InternalIP
+    by_node = {p["metadata"]["annotations"][render.A_NODE]: p["spec"] for p in pods}
+    assert by_node["edge-0"]["hostNetwork"] is True
+    assert not by_node["cloud-0"].get("hostNetwork")
+    assert render.address_mode(spec(), plan, facts()) == "mixed"
+
+
+def test_host_network_mode_gives_each_pod_of_a_node_its_own_metrics_port() -> None:
+    plan = make_plan()
+    s = spec(rendezvous={"addressMode": "hostNetwork"})
+    pods = render.worker_pods(JOB, s, plan, facts(), attempt=0)
+    assert render.address_mode(s, plan, facts()) == "hostNetwork"
+    assert all(p["spec"]["hostNetwork"] for p in pods)
     assert env(pods[1])["MASTER_ADDR"] == "10.0.0.2"  # rank 0's node InternalIP
+    ports = [{q["name"]: q["containerPort"] for q in p["spec"]["containers"][0]["ports"]}
+             for p in pods]
+    # ranks 0 and 1 share cloud-0: 9400 and 9401; only rank 0 reserves the rendezvous port
+    assert ports == [{"rendezvous": 29500, "metrics": 9400}, {"metrics": 9401},
+                     {"metrics": 9400}]
+    assert [env(p)["SPANTRAIN_METRICS_PORT"] for p in pods] == ["9400", "9401", "9400"]
+
+
+def test_worker_pods_are_hardened() -> None:
+    plan = make_plan()
+    s = spec(env=[{"name": "HOME", "value": "/data"}],
+             training={"globalBatch": 16, "checkpoint": {"path": "/ck", "claimName": "pvc"}})
+    for pod in render.worker_pods(JOB, s, plan, facts(), attempt=0):
+        ps = pod["spec"]
+        assert ps["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+        c = ps["containers"][0]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                        "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}
+        assert ps["automountServiceAccountToken"] is False
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts == {"/etc/spantrain/plan": "plan", "/tmp": "scratch", "/ck": "checkpoint"}
+        volumes = {v["name"]: v for v in ps["volumes"]}
+        assert volumes["scratch"] == {"name": "scratch", "emptyDir": {}}
+        e = env(pod)
+        assert (e["TMPDIR"], e["MPLCONFIGDIR"], e["TORCHINDUCTOR_CACHE_DIR"]) == (
+            "/tmp", "/tmp/matplotlib", "/tmp/torchinductor")
+        names = [x["name"] for x in c["env"]]
+        assert names.count("HOME") == 1 and e["HOME"] == "/data"  # the job's env wins, once
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod is not None and ps["securityContext"] is not render.POD_SECURITY_CONTEXT
+    # a checkpoint path without a claim still gets a writable (emptyDir) mount; under /tmp none
+    nopvc = render.worker_pods(JOB, spec(training={"globalBatch": 16,
+                                                   "checkpoint": {"path": "/ck"}}),
+                               plan, facts(), attempt=0)[0]["spec"]
+    assert {v["name"]: v for v in nopvc["volumes"]}["checkpoint"] == {
+        "name": "checkpoint", "emptyDir": {}}
+    intmp = render.worker_pods(JOB, spec(training={"globalBatch": 16,
+                                                   "checkpoint": {"path": "/tmp/ck"}}),
+                               plan, facts(), attempt=0)[0]["spec"]
+    assert "checkpoint" not in {v["name"] for v in intmp["volumes"]}
 
 
 def test_ip_mode_waits_for_rank0_ip() -> None:
@@ -149,3 +231,20 @@ def test_config_map_service_and_pod_group() -> None:
 @pytest.mark.parametrize("name", ["a", "x" * api.MAX_JOB_NAME])
 def test_pod_names_are_dns_labels(name: str) -> None:
     assert len(render.pod_name(name, 999, 4095)) <= 63
+
+
+def test_network_policy_admits_the_job_and_the_scrapers_only() -> None:
+    spec = api.SpanTrainJobSpec.model_validate({"model": {"preset": "gpt-mini"}})
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    pol = render.network_policy(JOB, spec, [scraper])
+    assert pol["kind"] == "NetworkPolicy" and pol["metadata"]["name"] == JOB.name
+    assert pol["metadata"]["ownerReferences"][0]["uid"] == JOB.uid
+    selector = {"matchLabels": {render.L_JOB: JOB.name}}
+    assert pol["spec"]["podSelector"] == selector
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    own, scrape = pol["spec"]["ingress"]
+    # the job's pods reach each other on any port (gloo picks its ports at run time)
+    assert own == {"from": [{"podSelector": selector}]}
+    assert scrape == {"from": [scraper], "ports": [{"protocol": "TCP", "port": "metrics"}]}
+    # no scrapers: only the job's own pods
+    assert render.network_policy(JOB, spec, [])["spec"]["ingress"] == [own]

@@ -259,10 +259,12 @@ def test_progress_lands_in_status_once_running() -> None:
     s = state(running, pods)
     d = reconcile.decide(reconcile.JobState(**{**s.__dict__, "report": report}))
     prog = d.status["progress"]
-    # 1000 steps of 16 samples at 32 samples/s: 0.5 s a step, 750 left
+    # 1000 steps of 16 samples at 32 samples/s: 0.5 s a step, 750 left; the plan's
+    # prediction beside the measured throughput
+    predicted = s.plan.predicted.samples_per_second  # type: ignore[union-attr]
     assert prog == {"step": 250, "steps": 1000, "progressPercentage": 25, "loss": 2.5,
-                    "samplesPerSecond": 32.0, "estimatedRemainingSeconds": 375,
-                    "lastUpdatedTime": status.iso(NOW)}
+                    "samplesPerSecond": 32.0, "predictedSamplesPerSecond": round(predicted, 3),
+                    "estimatedRemainingSeconds": 375, "lastUpdatedTime": status.iso(NOW)}
     api.SpanTrainJobStatus.model_validate(d.status)
     # no report this pass: the last progress stays
     assert reconcile.decide(state(d.status, pods)).status["progress"] == prog
@@ -311,7 +313,7 @@ def test_worker_report_reads_the_workers_real_metrics() -> None:
 
     from spantrain_worker.metrics import StepStats, WorkerMetrics
 
-    wm = WorkerMetrics("gpt", 0, 0)
+    wm = WorkerMetrics("gpt", 0, 0, namespace="ml", device="cloud-0/gpu0")
     for step in range(3):
         wm.observe(StepStats(step=step, loss=4.0 - step, step_seconds=0.25, compute_seconds=0.1,
                              communication_seconds=0.1, idle_seconds=0.05,

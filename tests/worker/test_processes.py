@@ -122,21 +122,25 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path) -> None:
 
 def test_metrics_endpoint_exports_the_worker_series() -> None:
     port = free_port()
-    metrics = WorkerMetrics("job-a", 1, 3, port=port)
+    metrics = WorkerMetrics("job-a", 1, 3, port=port, namespace="ml", device="edge-0/cpu")
     metrics.observe(StepStats(step=4, loss=2.5, step_seconds=0.2, compute_seconds=0.1,
                               communication_seconds=0.05, idle_seconds=0.05,
-                              samples_per_second=80.0, grad_norm=1.0, learning_rate=1e-3))
+                              samples_per_second=80.0, grad_norm=1.0, learning_rate=1e-3), 6)
     metrics.add_bytes({2: 1000}, {4: 500})
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    labels = 'job="job-a",rank="3",stage="1"'
+    # the SpanTrainJob is spantrain_job (a scrape owns the target label job); sorted labels
+    labels = 'device="edge-0/cpu",rank="3",spantrain_job="job-a",spantrain_namespace="ml",stage="1"'
+    peer = 'device="edge-0/cpu",peer="{}",rank="3",spantrain_job="job-a",' \
+        'spantrain_namespace="ml",stage="1"'
     for line in (
         f"spantrain_worker_step_seconds_count{{{labels}}} 1.0",
+        f"spantrain_worker_samples_total{{{labels}}} 6.0",
         f"spantrain_worker_samples_per_second{{{labels}}} 80.0",
         f"spantrain_worker_compute_seconds_total{{{labels}}} 0.1",
         f"spantrain_worker_communication_seconds_total{{{labels}}} 0.05",
         f"spantrain_worker_idle_seconds_total{{{labels}}} 0.05",
-        'spantrain_worker_sent_bytes_total{job="job-a",peer="2",rank="3",stage="1"} 1000.0',
-        'spantrain_worker_received_bytes_total{job="job-a",peer="4",rank="3",stage="1"} 500.0',
+        f"spantrain_worker_sent_bytes_total{{{peer.format(2)}}} 1000.0",
+        f"spantrain_worker_received_bytes_total{{{peer.format(4)}}} 500.0",
         f"spantrain_worker_loss{{{labels}}} 2.5",
     ):
         assert line in text, line

@@ -16,15 +16,29 @@ and metrics modules stay testable without process groups). It provides
 
 Backend: NCCL when the worker's device is CUDA, else gloo (``device_and_backend``).
 
+Interface: gloo and NCCL announce the address they get by resolving the host name, which in a
+``hostNetwork`` pod on a node whose network namespace differs from its UTS host name is an
+address the peers cannot reach. ``set_socket_ifname`` (called before ``init_process_group``)
+sets ``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` to the interface holding the pod's IP
+(``SPANTRAIN_POD_IP``, from ``status.podIP``) unless the user set them; the choice
+(``socket_ifname_env``) is pure, reading the interfaces (``local_addresses``) is not.
+
 Must not import kopf, the Kubernetes client or ``spantrain_operator``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import ipaddress
 import os
+import socket
+import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -80,6 +94,85 @@ def device_and_backend(env: dict[str, str] | None = None) -> tuple[torch.device,
         torch.cuda.set_device(local)
         return torch.device("cuda", local), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+SIOCGIFADDR = 0x8915  # linux/sockios.h: get an interface's (primary) IPv4 address
+
+
+def _ipv4_of(ifname: str) -> str | None:
+    """The primary IPv4 address of ``ifname`` (ioctl SIOCGIFADDR), None if it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(
+                sock.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15])
+            )
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _ipv6_addresses(path: Path = Path("/proc/net/if_inet6")) -> dict[str, list[str]]:
+    """IPv6 addresses by interface from ``/proc/net/if_inet6`` (empty where it is missing)."""
+    out: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and len(fields[0]) == 32:
+                addr = str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+                out.setdefault(fields[5], []).append(addr)
+    return out
+
+
+def local_addresses() -> dict[str, list[str]]:
+    """The addresses of this network namespace's interfaces, by interface name (stdlib only:
+    ``socket.if_nameindex`` + SIOCGIFADDR for IPv4, ``/proc/net/if_inet6`` for IPv6)."""
+    out: dict[str, list[str]] = {}
+    for _, name in socket.if_nameindex():
+        ipv4 = _ipv4_of(name)
+        if ipv4 is not None:
+            out.setdefault(name, []).append(ipv4)
+    for name, addrs in _ipv6_addresses().items():
+        out.setdefault(name, []).extend(addrs)
+    return out
+
+
+def interface_for_ip(ip: str, addresses: Mapping[str, list[str]]) -> str | None:
+    """The interface holding ``ip`` (first by name, for determinism), or None."""
+    try:
+        wanted = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return None
+    for name in sorted(addresses):
+        for addr in addresses[name]:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(addr.split("%")[0]) == wanted:
+                    return name
+    return None
+
+
+def socket_ifname_env(
+    env: Mapping[str, str], addresses: Mapping[str, list[str]]
+) -> dict[str, str]:
+    """The ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` to set: the interface holding
+    ``SPANTRAIN_POD_IP``, for each variable the user left unset (or set empty). Empty when
+    the pod IP is unknown or no interface holds it (torch then resolves the host name).
+    NCCL reads its variable as a prefix list, so it gets ``=name`` (exactly this interface)."""
+    pod_ip = env.get("SPANTRAIN_POD_IP", "").strip()
+    if not pod_ip:
+        return {}
+    ifname = interface_for_ip(pod_ip, addresses)
+    if ifname is None:
+        return {}
+    wanted = {"GLOO_SOCKET_IFNAME": ifname, "NCCL_SOCKET_IFNAME": f"={ifname}"}
+    return {k: v for k, v in wanted.items() if not env.get(k)}
+
+
+def set_socket_ifname(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Put ``socket_ifname_env``'s choice into ``os.environ`` (read by gloo and NCCL when the
+    process group is created); returns what it set."""
+    chosen = socket_ifname_env(os.environ if env is None else env, local_addresses())
+    os.environ.update(chosen)
+    return chosen
 
 
 def missing_ranks(store: Store, world_size: int) -> list[int]:

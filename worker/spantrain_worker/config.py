@@ -10,6 +10,7 @@ grow); ``WorkerEnv`` reads the variables the operator injects into every pod (an
   SPANTRAIN_TRAINING          path of the training block (JSON/YAML), or of a whole
                               SpanTrainJob manifest; optional (defaults below)
   SPANTRAIN_JOB               job name, for logs and metrics
+  SPANTRAIN_NAMESPACE         the job's namespace, for metrics (label spantrain_namespace)
   SPANTRAIN_CHECKPOINT_DIR    overrides training.checkpoint.path (shared storage for all ranks)
   SPANTRAIN_METRICS_PORT      Prometheus port (default 9400; 0 turns the endpoint off)
   SPANTRAIN_OUTPUT_DIR        where to write losses.jsonl / timeline.json (local runs, tests)
@@ -99,6 +100,7 @@ class WorkerEnv:
     output_dir: str | None
     emulation_path: str | None
     pace_cores: float | None = None
+    namespace: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerEnv:
@@ -115,6 +117,7 @@ class WorkerEnv:
             output_dir=env.get("SPANTRAIN_OUTPUT_DIR") or None,
             emulation_path=env.get("SPANTRAIN_EMULATION") or None,
             pace_cores=_positive(env, "SPANTRAIN_PACE_CORES"),
+            namespace=env.get("SPANTRAIN_NAMESPACE", ""),
         )
 
 

@@ -4,6 +4,9 @@ Role: make a running worker observable. ``WorkerMetrics`` owns one Prometheus re
 process and serves it on ``SPANTRAIN_METRICS_PORT``:
 
   spantrain_worker_step_seconds            histogram of training-step wall time
+  spantrain_worker_samples_total           samples of the global batch this rank computed
+                                           (its rows of every micro-batch); summed over one
+                                           stage's ranks it is the job's samples
   spantrain_worker_samples_per_second      global samples / step time (every rank reports it)
   spantrain_worker_compute_seconds_total   time in F/B/W/optimizer work
   spantrain_worker_communication_seconds_total  gradient all-reduce, loss/norm reduce, sends
@@ -13,7 +16,11 @@ process and serves it on ``SPANTRAIN_METRICS_PORT``:
   spantrain_worker_loss                    global mean training loss of the last step
   spantrain_worker_step                    last completed step
 
-All carry ``job``, ``stage`` and ``rank`` labels. ``log_event`` writes one line per event,
+All carry ``spantrain_namespace`` and ``spantrain_job`` (the SpanTrainJob; not ``job`` and
+``namespace``, which Prometheus scrape configs set as target labels and would rename to
+``exported_*``), ``stage``, ``rank`` and ``device`` (the plan's device id), so every series
+names its job whatever scrapes it; the operator's per-job series use the same two names.
+``log_event`` writes one line per event,
 ``job=<job> stage=<s> rank=<r> event=<name> key=value ...``, so logs of many pods interleave
 readably and grep well. ``Timeline`` records each action's wall-clock start and end; the chart
 module draws it with the planner's ``Interval`` type, like a simulated timeline.
@@ -76,10 +83,17 @@ class StepStats:
     learning_rate: float
 
 
+#: The label names every worker series carries (``spantrain_job``: the SpanTrainJob's name).
+LABELS = ("spantrain_namespace", "spantrain_job", "stage", "rank", "device")
+
+
 class WorkerMetrics:
-    def __init__(self, job: str, stage: int, rank: int, port: int = 0) -> None:
+    def __init__(
+        self, job: str, stage: int, rank: int, port: int = 0, *,
+        namespace: str = "", device: str = "",
+    ) -> None:
         self.registry = CollectorRegistry()
-        labels = {"job": job, "stage": str(stage), "rank": str(rank)}
+        labels = dict(zip(LABELS, (namespace, job, str(stage), str(rank), device), strict=True))
         names = list(labels)
         self._labels = labels
 
@@ -93,6 +107,9 @@ class WorkerMetrics:
             "spantrain_worker_step_seconds", "Wall time of one training step.", names,
             buckets=STEP_BUCKETS, registry=self.registry,
         ).labels(**labels)
+        self.samples = counter(
+            "spantrain_worker_samples",
+            "Samples of the global batch this rank computed (its rows of every micro-batch).")
         self.samples_per_second = gauge(
             "spantrain_worker_samples_per_second", "Global samples per second (last step).")
         self.compute = counter(
@@ -122,8 +139,10 @@ class WorkerMetrics:
         for peer, n in received.items():
             self._received.labels(**self._labels, peer=str(peer)).inc(n)
 
-    def observe(self, stats: StepStats) -> None:
+    def observe(self, stats: StepStats, samples: int = 0) -> None:
+        """Record one step; ``samples`` is how many of its samples this rank computed."""
         self.step_seconds.observe(stats.step_seconds)
+        self.samples.inc(samples)
         self.samples_per_second.set(stats.samples_per_second)
         self.compute.inc(stats.compute_seconds)
         self.communication.inc(stats.communication_seconds)

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .comm import Comm, RendezvousEnv, RendezvousError, device_and_backend, init_process_group
+from .comm import (
+    Comm,
+    RendezvousEnv,
+    RendezvousError,
+    device_and_backend,
+    init_process_group,
+    set_socket_ifname,
+)
 from .comm import rendezvous as meet
 from .config import WorkerEnv, load_plan, load_training
 from .emulation import load_emulation
@@ -55,6 +62,9 @@ def run(env: dict[str, str] | None = None) -> int:
         log_event(log, "rendezvous-failed", error=str(err))
         print(f"spantrain worker: {err}", file=sys.stderr)
         return 3
+    ifnames = set_socket_ifname(env)
+    if ifnames:
+        log_event(log, "socket-interface", **{k.lower(): v for k, v in ifnames.items()})
     init_process_group(store, renv, backend, device)
     comm = Comm(plan, renv.rank)
     emulation = load_emulation(wenv.emulation_path)
@@ -76,7 +86,12 @@ def run(env: dict[str, str] | None = None) -> int:
         trainer.grad_hook = dump
     resumed = trainer.restore()
     port = wenv.metrics_port
-    metrics = WorkerMetrics(wenv.job, role.stage_index, renv.rank, port=port)
+    metrics = WorkerMetrics(
+        wenv.job, role.stage_index, renv.rank, port=port, namespace=wenv.namespace,
+        device=next(d.device_id for st in plan.stages for d in st.devices
+                    if d.rank == renv.rank),
+    )
+    rank_samples = role.num_rows * plan.num_microbatches
     trainer.record_steps = _timeline_steps(env, trainer.start_step, cfg.steps)
     log_event(log, "start", world=plan.world_size, backend=backend, device=str(device),
               layers=f"{role.layer_start}-{role.layer_end - 1}",
@@ -85,7 +100,7 @@ def run(env: dict[str, str] | None = None) -> int:
     interval = cfg.checkpoint.interval_steps
     for step in range(trainer.start_step, cfg.steps):
         stats = trainer.train_step(step)
-        metrics.observe(stats)
+        metrics.observe(stats, rank_samples)
         metrics.add_bytes(*trainer.last_bytes)
         if out is not None and renv.rank == 0:
             with (out / "losses.jsonl").open("a") as fh:
