@@ -621,7 +621,13 @@ def report(result: dict[str, Any], image_mb: int, num_nodes: int, seconds: float
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     err, err_notes = sim_error(rows, result.get("logs") or {})
     status = result.get("status") or {}
+    # the steps trained: rank 0's ``event=done steps=N`` (the status' progress is read every
+    # few seconds and may miss the last steps)
     steps = int((status.get("progress") or {}).get("step") or 0)
+    for text in (result.get("logs") or {}).values():
+        for line in text.splitlines():
+            if "event=done" in line and "steps=" in line:
+                steps = max(steps, int(line.split("steps=", 1)[1].split()[0]))
     shown, total, _ = result["panels"]
     for note in [*result.get("notes", []), *err_notes]:
         print(f"  {note}")

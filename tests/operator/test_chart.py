@@ -10,6 +10,7 @@ bad values with a message naming them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -84,6 +85,19 @@ def test_lint_and_template(helm: Helm) -> None:
     assert env["SPANTRAIN_RECONCILE_INTERVAL"] == "2"
     assert container["image"] == env["SPANTRAIN_WORKER_IMAGE"] == (
         "ghcr.io/spantrain/spantrain:0.1.0")
+
+    assert "SPANTRAIN_NETWORK_POLICY_SCRAPERS" not in env  # no NetworkPolicy by default
+    (role,) = _by_kind(docs, "ClusterRole")
+    assert any("networkpolicies" in r["resources"] and "create" in r["verbs"]
+               for r in role["rules"])
+    docs = _docs(helm("template", RELEASE, str(CHART), "--set", "networkPolicy.enabled=true")
+                 .stdout)
+    (deploy,) = _by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in
+           deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SPANTRAIN_NETWORK_POLICY_SCRAPERS"]) == [{
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
 
     # namespaced, two replicas with peering, no metrics, no CRD
     docs = _docs(helm(
