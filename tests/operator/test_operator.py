@@ -93,7 +93,7 @@ def test_apply_plans_creates_pods_and_runs(kube_api: Any, namespace: str, operat
             assert env["SPANTRAIN_PLAN_PATH"] == "/etc/spantrain/plan/plan.json"
             limits = pod.spec.containers[0].resources.limits or {}
             assert limits.get("nvidia.com/gpu") == ("1" if device.accelerator != "cpu" else None)
-            assert pod.spec.containers[0].command == ["spantrain", "worker"]
+            assert pod.spec.containers[0].args == ["worker"]  # through the image's tini
             mount = pod.spec.containers[0].volume_mounts[0]
             assert mount.read_only and mount.mount_path == "/etc/spantrain/plan"
             ref = pod.metadata.owner_references[0]
