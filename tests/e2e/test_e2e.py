@@ -24,7 +24,9 @@ LAST_LINE = re.compile(
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_helm_install_to_trained_model_on_real_nodes(tmp_path: Path) -> None:
+def test_helm_install_to_trained_model_on_real_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("scripts/e2e needs root (network namespaces, cgroups, containerd)")
     proc = subprocess.run(
@@ -34,6 +36,8 @@ def test_helm_install_to_trained_model_on_real_nodes(tmp_path: Path) -> None:
     out = proc.stdout.strip().splitlines()
     tail = "\n".join(out[-20:]) + "\n--- stderr ---\n" + proc.stderr[-6000:]
     assert out, f"scripts/e2e printed nothing (rc {proc.returncode}):\n{tail}"
+    with capsys.disabled():  # the measurements belong in the test log, pass or fail
+        print("\n" + "\n".join(out[-16:]))
     match = LAST_LINE.match(out[-1])
     assert match, f"unexpected last line (rc {proc.returncode}):\n{tail}"
     got = match.groupdict()
