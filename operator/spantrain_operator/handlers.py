@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -260,7 +260,7 @@ def _run(
     if meta.get("deletionTimestamp"):
         _forget(namespace, name, uid)
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job = render.JobRef(name=name, namespace=namespace, uid=uid)
     old_status: dict[str, Any] = dict(body.get("status") or {})
     pods = list(pods_index.get((namespace, name), []))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -174,7 +174,7 @@ class Kube:
         """Record an Event on the job (best effort: a failed event never fails a reconcile)."""
         meta = job.get("metadata") or {}
         ns = meta.get("namespace", "default")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         body = {
             "metadata": {"generateName": f"{meta.get('name')}.", "namespace": ns},
             "involvedObject": {

@@ -109,7 +109,11 @@ class LinkRule(_Model):
 
 
 class MatrixEntry(_Model):
-    """A measured node pair (from the profiler)."""
+    """A measured link from node ``a`` to node ``b`` (from the profiler).
+
+    Links are directed (WAN uplinks are often slower than downlinks): the entry is the a -> b
+    direction, and also b -> a unless the matrix has an entry of its own for b -> a.
+    """
 
     a: str
     b: str
@@ -142,10 +146,18 @@ class ClusterSpec(_Model):
                     raise ValueError(
                         f"links.rules: {end!r} is neither a tier (cloud, edge, end) nor a node"
                     )
-        for entry in self.links.matrix:
+        seen: set[tuple[str, str]] = set()
+        for k, entry in enumerate(self.links.matrix):
             for end in (entry.a, entry.b):
                 if end not in names:
-                    raise ValueError(f"links.matrix: unknown node {end!r}")
+                    raise ValueError(f"links.matrix[{k}]: unknown node {end!r}")
+            if entry.a == entry.b:
+                raise ValueError(f"links.matrix[{k}]: a link from {entry.a!r} to itself; a "
+                                 "node's own devices use intraNodeBandwidthMbps")
+            if (entry.a, entry.b) in seen:
+                raise ValueError(f"links.matrix[{k}]: a second entry from {entry.a!r} to "
+                                 f"{entry.b!r}; give each direction once")
+            seen.add((entry.a, entry.b))
         return self
 
 
@@ -232,10 +244,12 @@ def _rule_score(rule: LinkRule, a: NodeSpec, b: NodeSpec) -> int:
 
 
 def _node_link(spec: ClusterSpec, a: NodeSpec, b: NodeSpec) -> tuple[float, float]:
-    """(Mbit/s, one-way ms) between two distinct nodes."""
-    for entry in spec.links.matrix:
-        if {entry.a, entry.b} == {a.name, b.name}:
-            return entry.bandwidth_mbps, entry.latency_ms
+    """(Mbit/s, one-way ms) from node ``a`` to node ``b`` (distinct): the matrix entry of that
+    direction, else of the reverse one, else the most specific rule, else tier defaults."""
+    forward = [e for e in spec.links.matrix if (e.a, e.b) == (a.name, b.name)]
+    backward = [e for e in spec.links.matrix if (e.a, e.b) == (b.name, a.name)]
+    for entry in (*forward, *backward):
+        return entry.bandwidth_mbps, entry.latency_ms
     best: tuple[int, LinkRule] | None = None
     for rule in spec.links.rules:
         score = _rule_score(rule, a, b)
@@ -295,7 +309,7 @@ def resolve(spec: ClusterSpec) -> Topology:
             elif a.name == b.name:
                 mbps, ms = a.intra_node_bandwidth_mbps, DEFAULT_INTRA_NODE_LATENCY_MS
             else:
-                key = (a.name, b.name) if a.name < b.name else (b.name, a.name)
+                key = (a.name, b.name)  # directed: a measured matrix may be asymmetric
                 if key not in pair_cache:
                     pair_cache[key] = _node_link(spec, a, b)
                 mbps, ms = pair_cache[key]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from spantrain_operator import inventory
 from spantrain_planner.api import PlacementSpec
 from spantrain_planner.cluster import resolve
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def node(name: str, labels: dict[str, str] | None = None, *, alloc: dict[str, str] | None = None,

@@ -120,6 +120,33 @@ def test_link_resolution(
     assert topo.latency[i][j] == pytest.approx(ms / 1000)
 
 
+def test_matrix_links_are_directed() -> None:
+    """A measured asymmetric link keeps both directions (it used to be made symmetric, the
+    first entry of the pair winning, so a plan could route over the slow direction)."""
+    links: dict[str, list[dict[str, object]]] = {"matrix": [
+        {"a": "c1", "b": "e0", "bandwidthMbps": 1000, "latencyMs": 1},
+        {"a": "e0", "b": "c1", "bandwidthMbps": 10, "latencyMs": 20},
+    ]}
+    topo = resolve(_spec(**links))
+    assert topo.bandwidth[2][3] == pytest.approx(1000e6 / 8)  # c1 -> e0
+    assert topo.bandwidth[3][2] == pytest.approx(10e6 / 8)  # e0 -> c1
+    assert topo.latency[3][2] == pytest.approx(0.020)
+    assert topo.transfer_seconds(3, 2, 1e6) > 50 * topo.transfer_seconds(2, 3, 1e6)
+    # one direction given: it holds for both
+    one = resolve(_spec(matrix=links["matrix"][1:]))
+    assert one.bandwidth[2][3] == one.bandwidth[3][2] == pytest.approx(10e6 / 8)
+
+
+@pytest.mark.parametrize(("matrix", "message"), [
+    ([{"a": "c1", "b": "c1", "bandwidthMbps": 5}], "to itself"),
+    ([{"a": "c1", "b": "e0", "bandwidthMbps": 5}, {"a": "c1", "b": "e0", "bandwidthMbps": 6}],
+     "a second entry from 'c1' to 'e0'"),
+])
+def test_matrix_rejects_self_links_and_repeats(matrix: list[object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _spec(matrix=matrix)
+
+
 def test_device_ids_and_kinds() -> None:
     topo = resolve(_spec())
     assert [d.id for d in topo.devices] == ["c0/gpu0", "c0/gpu1", "c1/gpu0", "e0/cpu0"]

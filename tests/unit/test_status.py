@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from spantrain_planner import api
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_render import JOB, make_plan
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
@@ -174,7 +174,7 @@ def test_not_ready_within_grace_is_degraded_not_lost() -> None:
     st = planned()
     d0 = reconcile.decide(state(st))
     pods = [pod(p) for p in d0.create if p["kind"] == "Pod"]
-    soon = datetime(2025, 6, 1, 11, 1, tzinfo=timezone.utc)  # 60 s after NotReady
+    soon = datetime(2025, 6, 1, 11, 1, tzinfo=UTC)  # 60 s after NotReady
     d = reconcile.decide(state(d0.status, pods, ns=nodes(ready=False), now=soon))
     assert d.replan is None and status.is_true(d.status["conditions"], "Degraded")
 
