@@ -492,6 +492,14 @@ def microbatch_candidates(
     return sorted({nearest(t) for t in targets})
 
 
+def microbatch_fallbacks(global_batch: int, widest: int, tried: Sequence[int]) -> list[int]:
+    """Every larger feasible count than ``tried``: smaller micro-batches stash less, so a model
+    that fits no tried count may fit one of these (a one-stage plan of a large model at 16 or
+    32 micro-batches, say). Tried only when none of ``tried`` fits."""
+    top = max(tried, default=0)
+    return [d for d in divisors(global_batch) if d > top and global_batch // d >= widest]
+
+
 StageSets = tuple[tuple[tuple[int, ...], int], ...]  # (devices, network group) per stage
 
 
@@ -536,8 +544,12 @@ class _Searcher:
         )
         if not every_m:
             ms.sort(key=lambda m: (abs(math.log(m / (4 * p))), m))
+        fallbacks = ([] if self.options.num_microbatches is not None
+                     else microbatch_fallbacks(self.options.global_batch, widest, ms))
         best = math.inf
-        for m in ms:
+        for k, m in enumerate([*ms, *fallbacks]):
+            if k >= len(ms) and best < math.inf:
+                break  # the fallbacks are for memory only: tried while nothing fits
             b = self.options.global_batch // m
             stages = []
             for devs, gi in stage_sets:

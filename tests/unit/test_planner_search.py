@@ -180,3 +180,18 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     out = _cli("plan", str(tmp_path / "nope.yaml"), "--model", "gpt2-small")
     assert out.returncode == 2 and "cannot read" in out.stderr
     assert _cli("plan", "--help").returncode == 0
+
+
+@pytest.mark.parametrize(("memory_gib", "fits_at"), [(8, {16, 32}), (5, {32})])
+def test_every_feasible_microbatch_count_is_found(memory_gib: int, fits_at: set[int]) -> None:
+    """GPT-2 small at batch 32 on one device stashes 19 GiB at 4 micro-batches, 10.7 at 8,
+    6.6 at 16 and 4.5 at 32: with 8 or 5 GiB it fits only at 16/32 (or 32), counts the search
+    used not to try for a one-stage plan (it said "no plan found ... numMicrobatches")."""
+    spec = ClusterSpec.model_validate({"name": "one", "nodes": [{
+        "name": "n", "tier": "cloud",
+        "devices": [{"count": 1, "accelerator": "cpu", "computeTflops": 0.1,
+                     "memoryBytes": f"{memory_gib}Gi"}]}]})
+    topo = resolve(spec)
+    plan, _ = search(topo, preset("gpt2-small"), PlannerOptions(global_batch=32))
+    assert plan.num_microbatches in fits_at
+    validate_plan(plan, topo, preset("gpt2-small"))
