@@ -719,6 +719,30 @@ class _Proc:
     log_file: IO[bytes]
 
 
+def spawn_logged(
+    name: str, argv: list[str], log_dir: Path, *, cwd: Path | None = None, pdeathsig: bool = True
+) -> _Proc:
+    """Start ``argv`` in its own process group, output appended to ``log_dir/<name>.log``
+    (the caller closes ``log_file``); ``KUBECONFIG`` and ``ETCD_*`` are not passed on."""
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115 (the caller closes it)
+    log_file.write(("$ " + " ".join(argv) + "\n").encode())
+    log_file.flush()
+    env = {k: val for k, val in os.environ.items() if not k.startswith("ETCD_")}
+    env.pop("KUBECONFIG", None)
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,  # own process group: killpg() reaches any children too
+        preexec_fn=_set_pdeathsig if pdeathsig else None,
+    )
+    return _Proc(name, popen, log_path, log_file)
+
+
 @dataclass
 class _Ports:
     etcd_client: int = field(default_factory=free_port)
@@ -1065,23 +1089,7 @@ class ControlPlane(ClusterHelpers):
         self._wait_http(kwok, f"http://127.0.0.1:{ports.kwok}/healthz", None, timeout)
 
     def _spawn(self, name: str, argv: list[str]) -> _Proc:
-        log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
-        log_file.write(("$ " + " ".join(argv) + "\n").encode())
-        log_file.flush()
-        env = {k: val for k, val in os.environ.items() if not k.startswith("ETCD_")}
-        env.pop("KUBECONFIG", None)
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=self.work_dir,
-            env=env,
-            start_new_session=True,  # own process group: killpg() reaches any children too
-            preexec_fn=_set_pdeathsig if self.pdeathsig else None,
-        )
-        proc = _Proc(name, popen, log_path, log_file)
+        proc = spawn_logged(name, argv, self.log_dir, cwd=self.work_dir, pdeathsig=self.pdeathsig)
         self._procs.append(proc)
         return proc
 

@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes.client.rest import ApiException
@@ -48,9 +48,10 @@ from spantrain_testbed.testbed import sweep as testbed_sweep
 from tests.cluster.controlplane import (
     ControlPlane,
     ControlPlaneError,
-    _set_pdeathsig,
+    _Proc,
     issue_cert,
     log_tail,
+    spawn_logged,
     write_kubeconfig,
 )
 
@@ -374,25 +375,8 @@ def coredns_manifests(image: str, node: str) -> list[dict[str, Any]]:
 # processes
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-
 def _spawn(name: str, argv: list[str], log_dir: Path) -> _Proc:
-    log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 (closed in _stop_proc)
-    log_file.write(("$ " + " ".join(argv) + "\n").encode())
-    log_file.flush()
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
-    popen = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        env=env, start_new_session=True, preexec_fn=_set_pdeathsig,
-    )
-    return _Proc(name, popen, log_path, log_file)
+    return spawn_logged(name, argv, log_dir)
 
 
 def _stop_proc(proc: _Proc, grace: float = 10.0) -> None:
