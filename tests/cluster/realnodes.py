@@ -104,6 +104,7 @@ def _run(cmd: Sequence[str], check: bool = True, timeout: float = 120) -> str:
 class RealNode:
     """One Kubernetes node: a testbed device with its own runtime and pod network."""
 
+    instance: int
     index: int
     name: str
     netns: str
@@ -124,28 +125,24 @@ class RealNode:
 
     @property
     def cgroup_rel(self) -> Path:
-        return Path(tb_cgroups.device_group(self.instance_of_dir(), self.index).relative_to(
+        return Path(tb_cgroups.device_group(self.instance, self.index).relative_to(
             tb_cgroups.CPU_ROOT))
-
-    def instance_of_dir(self) -> int:
-        return int(self.dir.parent.name[1:])
 
     def nsenter(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--"]
 
 
-def node_labels(spec: ClusterSpec, topology: Topology, flops_per_core: float | None,
-                cores: Sequence[float]) -> dict[str, dict[str, str]]:
+def node_labels(spec: ClusterSpec, topology: Topology) -> dict[str, dict[str, str]]:
     """The ``spantrain.io/*`` labels of each node, from the description the planner reads.
 
-    With ``flops_per_core`` (this machine's effective FLOP/s on one core for the job's model)
-    a node's compute is what its CPU quota really gives: quota cores x that; otherwise the
-    description's figure.
+    The description's compute is relative (it sets the CPU quotas); what a node really does is
+    measured and written to its ``spantrain.io/profile`` annotation (``scripts/e2e``), which
+    the operator prefers to labels.
     """
     out: dict[str, dict[str, str]] = {}
-    for k, node in enumerate(spec.nodes):
+    for node in spec.nodes:
         device = next(d for d in topology.devices if d.node == node.name)
-        tflops = (cores[k] * flops_per_core / 1e12) if flops_per_core else device.flops / 1e12
+        tflops = device.flops / 1e12
         labels = {
             "spantrain.io/tier": node.tier,
             "spantrain.io/compute-tflops": f"{tflops:.6g}",
@@ -375,10 +372,6 @@ def coredns_manifests(image: str, node: str) -> list[dict[str, Any]]:
 # processes
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path) -> _Proc:
-    return spawn_logged(name, argv, log_dir)
-
-
 def _stop_proc(proc: _Proc, grace: float = 10.0) -> None:
     if proc.popen.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -511,7 +504,6 @@ class RealCluster:
         coredns_image: str,
         instance: int = 60,
         budget_cores: float = 1.2,
-        flops_per_core: float | None = None,
         keep_logs: Path | None = None,
     ) -> None:
         self.bin_dir = bin_dir
@@ -527,7 +519,6 @@ class RealCluster:
         self.coredns_image = coredns_image
         self.instance = instance
         self.budget_cores = budget_cores
-        self.flops_per_core = flops_per_core
         self.keep_logs = keep_logs
         self.testbed = Testbed(
             self.topology, instance=instance, budget_cores=budget_cores,
@@ -537,8 +528,7 @@ class RealCluster:
         self.nodes: list[RealNode] = []
         self._procs: dict[str, _Proc] = {}
         self._stopped_nodes: set[str] = set()
-        cores = [q.cores for q in self.testbed.quotas]
-        self.labels = node_labels(self.spec, self.topology, flops_per_core, cores)
+        self.labels = node_labels(self.spec, self.topology)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -587,7 +577,7 @@ class RealCluster:
             if node_spec.platform == "kubeedge":
                 taints = ({"key": EDGE_ROLE, "effect": "NoSchedule"},)
             self.nodes.append(RealNode(
-                index=k, name=node_spec.name, netns=dev.netns, address=dev.address,
+                instance=inst, index=k, name=node_spec.name, netns=dev.netns, address=dev.address,
                 cores=self.testbed.quotas[k].cores, dir=rd / f"n{k}",
                 labels=self.labels[node_spec.name], taints=taints,
             ))
@@ -611,7 +601,7 @@ class RealCluster:
             self._write_node_files(node, proxy_crt, proxy_key)
             clone_root(template, self._node_root(node))
         for node in self.nodes:
-            self._procs[f"containerd-{node.name}"] = _spawn(
+            self._procs[f"containerd-{node.name}"] = spawn_logged(
                 f"containerd-{node.name}",
                 [*node.nsenter(), "containerd", "--config", str(node.dir / "containerd.toml")],
                 self.log_dir)
@@ -689,7 +679,7 @@ class RealCluster:
             f'version = 2\nroot = "{template}"\nstate = "{state / "state"}"\n'
             f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
             f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{state / "opt"}"\n')
-        proc = _spawn("containerd-template",
+        proc = spawn_logged("containerd-template",
                       ["containerd", "--config", str(state / "config.toml")], self.log_dir)
         try:
             deadline = time.monotonic() + 60
@@ -723,7 +713,7 @@ class RealCluster:
     def _start_node_agents(self, node: RealNode) -> None:
         d = node.dir
         bins = self.bin_dir
-        self._procs[f"kubelet-{node.name}"] = _spawn(f"kubelet-{node.name}", [
+        self._procs[f"kubelet-{node.name}"] = spawn_logged(f"kubelet-{node.name}", [
             *node.nsenter(), str(bins / "kubelet"),
             f"--config={d / 'kubelet.json'}",
             f"--kubeconfig={d / 'kubelet.kubeconfig'}",
@@ -735,7 +725,7 @@ class RealCluster:
             "--oom-score-adj=0",
             "--v=1",
         ], self.log_dir)
-        self._procs[f"kube-proxy-{node.name}"] = _spawn(f"kube-proxy-{node.name}", [
+        self._procs[f"kube-proxy-{node.name}"] = spawn_logged(f"kube-proxy-{node.name}", [
             *node.nsenter(), str(bins / "kube-proxy"), f"--config={d / 'kube-proxy.json'}",
             "--v=1",
         ], self.log_dir)
@@ -898,7 +888,7 @@ def leftovers(instance: int) -> list[str]:
 def _remove_cgroup_tree_children(node: RealNode) -> None:
     """Kill what still runs in a node's cgroups and remove the kubelet's sub-groups (the
     device's own group stays: the testbed owns it)."""
-    inst = node.instance_of_dir()
+    inst = node.instance
     tops = [CGROUP_ROOT / h / f"stb{inst}" / f"d{node.index}"
             for h in (*_OTHER_HIERARCHIES, "cpu", "cpuacct")]
     for top in tops:
