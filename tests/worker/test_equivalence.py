@@ -1,5 +1,8 @@
 """Gradient equivalence: every plan computes single-process gradients (real gloo processes).
 
+For models whose samples do not interact; with BatchNorm the reference is single-process
+training over the plan's micro-batches, one after the other (``test_batchnorm``).
+
 Runs in float64 so that the only differences are summation order (~1e-15 relative); the
 1e-5 / 1e-4 tolerances of the issue are then far from any noise.
 """

@@ -21,6 +21,13 @@ training. The global gradient norm for clipping is the square root of the sum ov
 (each counted once, by its replica 0) of the stage's squared norm; it travels in the same
 world all-reduce as the step's loss.
 
+BatchNorm: a stage on several devices normalises each micro-batch by the statistics of all
+its rows (``syncbn``, over the stage's process group), so splitting a micro-batch over devices
+changes nothing; micro-batches are normalised each by its own statistics (as in GPipe). For a
+model with BatchNorm the plan's gradients are therefore those of single-process training that
+runs the step's micro-batches one after the other and accumulates their gradients
+(``baseline.PlainTrainer(pieces=...)``), not those of one pass over the global batch.
+
 Why not ``torch.distributed.pipelining``: its ``PipelineStage`` and schedules assume every
 stage processes whole, equally sized micro-batches on one rank (the micro-batch is split with
 ``torch.tensor_split`` once, for all stages) and that stage ``s`` talks to exactly one rank of
@@ -56,7 +63,7 @@ from spantrain_planner.plan import (
     rank_info,
 )
 
-from . import checkpoint, gradsync, splitgrad
+from . import checkpoint, gradsync, splitgrad, syncbn
 from .config import TrainingConfig
 from .emulation import Emulation, Emulator
 from .metrics import StepStats, Timeline
@@ -264,6 +271,12 @@ class StageTrainer:
             with_data=role.is_first or role.is_last,
         )
         self.layer_map = built.layers
+        if len(role.stage_ranks) > 1:
+            # a micro-batch's BatchNorm statistics span the stage's devices (``syncbn``)
+            for i in range(role.layer_start, role.layer_end):
+                self.layer_map[i] = syncbn.convert(
+                    self.layer_map[i], replica=role.replica, width=len(role.stage_ranks),
+                    reduce=self._reduce_stage)
         self.layers = built.stage(role.layer_start, role.layer_end)
         self.loss_fn = built.loss_fn
         self.dataset = built.dataset
@@ -313,6 +326,12 @@ class StageTrainer:
         self.record_steps: set[int] = set()
         self.grad_hook: Callable[[int, dict[str, Tensor]], None] | None = None
         self.last_bytes: tuple[dict[int, int], dict[int, int]] = ({}, {})
+
+    def _reduce_stage(self, tensor: Tensor) -> None:
+        """Sum ``tensor`` in place over this rank's stage (blocking; BatchNorm statistics)."""
+        work = self.comm.all_reduce_stage_async(tensor)
+        if work is not None:
+            work.wait()
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints
