@@ -18,6 +18,7 @@ client.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -320,6 +321,18 @@ def resolve(spec: ClusterSpec) -> Topology:
     return Topology(spec.name, tuple(devices), tuple(bw_rows), tuple(lat_rows))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it (go-yaml): ``1e-3`` and ``1.0e3`` are numbers, where PyYAML's
+    YAML 1.1 resolver would keep them strings (and a strict model would refuse them)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def load_document(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict, with a clear error naming the file."""
     p = Path(path)
@@ -328,7 +341,7 @@ def load_document(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise InputError(f"cannot read {p}: {err.strerror}") from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=_YamlLoader)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise InputError(f"{p} is not valid YAML/JSON: {err}") from None
     if not isinstance(data, dict):

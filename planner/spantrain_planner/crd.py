@@ -3,7 +3,8 @@
 Role: turn ``spantrain_planner.api`` into an ``apiextensions.k8s.io/v1`` CRD with a structural
 OpenAPI v3 schema (every node typed, ``$ref`` inlined, optionals un-wrapped, int-or-string
 marked, free-form maps marked ``x-kubernetes-preserve-unknown-fields``), field descriptions,
-the CEL rules declared on the models, the status subresource, printer columns and short names.
+the CEL rules declared on the models (plus ``api.INTEGER_RULE`` on every integer of the spec),
+the status subresource, printer columns and short names.
 ``crds/spantrainjobs.spantrain.io.yaml`` is its output (``spantrain crd``), never hand-edited;
 a unit test regenerates it and diffs. The Helm chart embeds the same text.
 
@@ -31,6 +32,8 @@ _KEEP = {
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "minimum",
     "maximum",
     "required",
@@ -151,6 +154,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
             raise SchemaError(f"{path}: a union of {types} is not structural")
         inner = _deref(branches[0], defs)
         return _structural({**inner, **rest}, defs, path)
+    if node.get("x-kubernetes-int-or-string") and "type" not in node:
+        # an int-or-string type of its own (``api.Quantity``): constraints of both branches
+        either = {k: v for k, v in node.items() if k in _KEEP}
+        return _order(either)
     if "const" in node:
         node = {**{k: v for k, v in node.items() if k != "const"}, "enum": [node["const"]]}
         node.setdefault("type", "string")
@@ -202,6 +209,8 @@ _ORDER = (
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "required",
     "properties",
     "additionalProperties",
@@ -223,9 +232,22 @@ def model_schema(model: type[Any]) -> dict[str, Any]:
     return _structural(raw, defs, model.__name__)
 
 
+def _integer_rule(node: dict[str, Any]) -> None:
+    """Give every integer under ``node`` ``api.INTEGER_RULE`` (5.0 is no integer)."""
+    if node.get("type") == "integer":
+        rules = node.get("x-kubernetes-validations", [])
+        node["x-kubernetes-validations"] = [api.INTEGER_RULE.cel(), *rules]
+    for sub in (node.get("properties") or {}).values():
+        _integer_rule(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _integer_rule(node[key])
+
+
 def openapi_schema() -> dict[str, Any]:
     """The CRD's ``openAPIV3Schema`` for ``spantrain.io/v1alpha1``."""
     spec = model_schema(api.SpanTrainJobSpec)
+    _integer_rule(spec)
     status = model_schema(api.SpanTrainJobStatus)
     doc = " ".join((api.SpanTrainJob.__doc__ or "").split())
     return {
@@ -240,14 +262,7 @@ def openapi_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {api.MAX_JOB_NAME} && "
-                f"self.metadata.name.matches('{api.JOB_NAME_PATTERN}')",
-                "message": f"metadata.name must be a lower-case RFC 1035 label of at most "
-                f"{api.MAX_JOB_NAME} characters (it names the job's Service and pods)",
-            }
-        ],
+        "x-kubernetes-validations": [api.JOB_NAME_RULE.cel()],
     }
 
 

@@ -25,21 +25,28 @@ class PlannerOptions(BaseModel):
         "auto", description="Pipeline schedule: auto picks the fastest of gpipe, 1f1b and zb."
     )
     num_microbatches: int | None = Field(
-        None, ge=1, description="Micro-batches per step; unset means chosen by the planner."
+        None,
+        ge=1,
+        le=1_048_576,
+        description="Micro-batches per step; unset means chosen by the planner.",
     )
     network_cut_ratio: float = Field(
         4.0,
         gt=1.0,
+        le=1000.0,
         description="Level-1 grouping: devices stay in one network group while their link is "
         "within this factor of the group's fastest link.",
     )
     compute_tolerance: float = Field(
         0.3,
         ge=0.0,
+        le=100.0,
         description="Level-2 grouping: devices whose speeds differ by less than this fraction "
         "share a compute group.",
     )
     allow_exclusion: bool = Field(
         True, description="Let the planner leave out devices that would slow the job down."
     )
-    max_stages: int | None = Field(None, ge=1, description="Upper bound on pipeline stages.")
+    max_stages: int | None = Field(
+        None, ge=1, le=4096, description="Upper bound on pipeline stages."
+    )
