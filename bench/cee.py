@@ -61,6 +61,7 @@ from bench import torch_pipe  # noqa: E402
 
 from spantrain_planner.baselines import run_baselines  # noqa: E402
 from spantrain_planner.cluster import ClusterSpec, Topology, resolve  # noqa: E402
+from spantrain_planner.contract import WorkerEnv, rendezvous_env  # noqa: E402
 from spantrain_planner.options import PlannerOptions  # noqa: E402
 from spantrain_planner.plan import Plan  # noqa: E402
 from spantrain_planner.profiles import ModelProfile, build_profile, preset  # noqa: E402
@@ -238,13 +239,12 @@ def worker_launch(tb: Testbed, plan: Plan, out: Path, steps: int, timeout: float
     by_rank = {d.rank: d.device_id for st in plan.stages for d in st.devices}
     _PORT[0] += 1
     base = {
-        "MASTER_ADDR": tb.address(by_rank[0]), "MASTER_PORT": str(_PORT[0]),
-        "WORLD_SIZE": str(plan.world_size), "SPANTRAIN_PLAN": str(out / "plan.json"),
-        "SPANTRAIN_TRAINING": str(out / "training.json"),
-        "SPANTRAIN_OUTPUT_DIR": str(out), "SPANTRAIN_METRICS_PORT": "0",
-        "SPANTRAIN_DEVICE": "cpu", "SPANTRAIN_JOB": plan.strategy,
-        "SPANTRAIN_RENDEZVOUS_TIMEOUT": str(int(timeout)),
-        "SPANTRAIN_TIMELINE_STEPS": "-1",
+        **rendezvous_env(tb.address(by_rank[0]), _PORT[0], plan.world_size, 0),
+        **WorkerEnv(
+            plan_path=str(out / "plan.json"), training_path=str(out / "training.json"),
+            output_dir=str(out), metrics_port=0, device="cpu", job=plan.strategy,
+            rendezvous_timeout=int(timeout), timeline_steps="-1",
+        ).to_env(),
     }
     return [(by_rank[rank], [PY, "-m", "spantrain_worker.worker"],
              dict(base, RANK=str(rank), LOCAL_RANK=str(rank)))
@@ -638,7 +638,7 @@ def report(all_results: dict[str, list[RunResult]], infos: dict[str, dict[str, A
         f"{cgroups.MIN_QUOTA_US / 1e3:g} ms / cores): "
         f"{CpuQuota(0, 'paper', CORES).period_us / 1e3:.1f} ms at {CORES:.2f} "
         "cores), 1 thread per device; every compute action of SpanTrain's worker lasts at "
-        "least its CPU time / the device's share (SPANTRAIN_PACE_CORES), because a quota lets "
+        "least its CPU time / the device's share (contract.PACE_CORES), because a quota lets "
         "a process that was idle burst through its first quota's worth of CPU at full speed, "
         "which a slow GPU does not; device speeds "
         "and per-micro-batch overhead measured alone (1-device 1F1B worker runs at batch x "

@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_snake
 
+from spantrain_planner import contract
 from spantrain_planner.assemble import model_ref
 from spantrain_planner.cluster import load_document
 from spantrain_planner.plan import ModelRef
@@ -127,7 +128,7 @@ def rank_commands(
         argv += ["--training", json.dumps(dict(training))]
     base = {
         "MASTER_ADDR": addresses[0], "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-        "SPANTRAIN_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        contract.NUM_THREADS: "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     }
     return [(list(argv), dict(base, RANK=str(r), LOCAL_RANK="0")) for r in range(world)]
 
@@ -155,7 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="bench/torch_pipe.py",
         description="One rank of a torch.distributed.pipelining run (one stage per rank) on "
                     "SpanTrain's model, data and optimizer. Reads MASTER_ADDR, MASTER_PORT, "
-                    "RANK, WORLD_SIZE (and GLOO_SOCKET_IFNAME, SPANTRAIN_NUM_THREADS) from the "
+                    f"RANK, WORLD_SIZE (and GLOO_SOCKET_IFNAME, {contract.NUM_THREADS}) from the "
                     "environment; rank 0 writes one JSON line per step to --out.")
     parser.add_argument("--model", required=True,
                         help="preset name, ModelRef/plan JSON, {family,name,config} JSON, or a "
@@ -202,7 +203,7 @@ def run_rank(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> 
 
     env = dict(os.environ if env is None else env)
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    torch.set_num_threads(int(env.get("SPANTRAIN_NUM_THREADS", "1")))
+    torch.set_num_threads(contract.integer(env, contract.NUM_THREADS, 1, minimum=1))
     ref = resolve_model(args.model)
     cfg = training_config(args)
     if cfg.precision == "bf16":

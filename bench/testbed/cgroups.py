@@ -32,7 +32,7 @@ CPUACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
 # bubbles then computes up to 1/cores times faster than the same device alone, and the testbed
 # stops emulating a device of fixed speed (measured steps came out 1.8x faster than the
 # calibrated prediction). A 5 ms period bounds such a burst to one quota (~1 ms); SpanTrain's
-# worker paces that last quota away (``SPANTRAIN_PACE_CORES`` from ``Testbed.device_env``).
+# worker paces that last quota away (``contract.PACE_CORES`` from ``Testbed.device_env``).
 PERIOD_US = 5_000
 MAX_PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the kernel's floor for cfs_quota_us

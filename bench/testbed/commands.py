@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any
 
+from spantrain_planner import contract
 from spantrain_planner.cluster import load_cluster, resolve
 from spantrain_planner.errors import InputError
 
@@ -112,7 +113,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     p_run = sub.add_parser(
         "run", help="run a command on one device: DEVICE -- CMD ...",
         description="Run CMD inside DEVICE's namespace and cgroup (GLOO_SOCKET_IFNAME, "
-        "SPANTRAIN_DEVICE_ADDR and MASTER_ADDR set) and wait for it; exits with its code.",
+        f"{contract.DEVICE_ADDR} and MASTER_ADDR set) and wait for it; exits with its code.",
     )
     common(p_run)
     shaping(p_run)

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from spantrain_planner import contract
 from spantrain_planner.cluster import Device, Topology
 
 from . import cgroups, netns
@@ -241,21 +242,21 @@ class Testbed:
 
     def device_env(self, device: int | str) -> dict[str, str]:
         """What a process on ``device`` needs: its interface and address, one thread, and its
-        CPU share (``SPANTRAIN_PACE_CORES``: SpanTrain's worker pads each compute action to at
+        CPU share (``contract.PACE_CORES``: SpanTrain's worker pads each compute action to at
         least its CPU time / this share, because a CFS quota lets a process that was idle run
         its first quota's worth of CPU at full speed, which a slow GPU does not do: at a
         quarter core, 2 ms of CPU after 30 ms idle took 3.2 ms instead of 8 ms)."""
         index = self.device_index(device)
         dev = self.net.devices[index]
         return {
-            "SPANTRAIN_PACE_CORES": f"{self.quotas[index].cores:.6g}",
+            contract.PACE_CORES: f"{self.quotas[index].cores:.6g}",
             "GLOO_SOCKET_IFNAME": dev.ns_if,
             "TP_SOCKET_IFNAME": dev.ns_if,
-            "SPANTRAIN_DEVICE_ADDR": dev.address,
-            "SPANTRAIN_TESTBED_DEVICE": dev.device_id,
-            "SPANTRAIN_TESTBED_INSTANCE": str(self.instance),
+            contract.DEVICE_ADDR: dev.address,
+            contract.TESTBED_DEVICE: dev.device_id,
+            contract.TESTBED_INSTANCE: str(self.instance),
             "MASTER_ADDR": self.net.devices[0].address,
-            "SPANTRAIN_NUM_THREADS": "1",
+            contract.NUM_THREADS: "1",
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",

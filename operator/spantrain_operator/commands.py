@@ -10,12 +10,18 @@ import argparse
 import os
 from typing import Any
 
+from spantrain_planner import contract as c
+
+from . import settings
+
 
 def add_operator_parser(sub: Any) -> None:
+    d = settings.Settings()
     parser = sub.add_parser(
         "operator",
         help="run the SpanTrainJob operator against the current cluster",
-        description="Watch SpanTrainJobs, plan them over the cluster's nodes, run their workers.",
+        description="Watch SpanTrainJobs, plan them over the cluster's nodes, run their workers. "
+        "Flags override the environment the Helm chart sets (spantrain_operator.settings).",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-A", "--all-namespaces", action="store_true",
@@ -24,29 +30,49 @@ def add_operator_parser(sub: Any) -> None:
                        help="watch jobs in this namespace (repeatable)")
     parser.add_argument("--standalone", action="store_true",
                         help="no peering (a single replica; no KopfPeering CRD needed)")
-    parser.add_argument("--peering", default=os.environ.get("SPANTRAIN_PEERING", "spantrain"),
-                        help="peering object shared by the operator replicas")
-    parser.add_argument("--priority", type=int, default=0,
-                        help="peering priority (the highest-priority replica works)")
-    parser.add_argument("--liveness", default=os.environ.get("SPANTRAIN_LIVENESS", ""),
-                        help="serve health probes here, e.g. http://0.0.0.0:8081/healthz")
+    # each flag's default is its environment variable's value (the chart sets those), else
+    # the default shown
+    parser.add_argument("--peering", dest="peering",
+                        help=f"peering object shared by the operator replicas (${c.PEERING}; "
+                        f"default {d.peering})")
+    parser.add_argument("--priority", type=int, dest="peering_priority",
+                        help=f"peering priority (${c.PEERING_PRIORITY}; the highest-priority "
+                        "replica works)")
+    parser.add_argument("--liveness",
+                        help=f"serve health probes here, e.g. http://0.0.0.0:8081/healthz "
+                        f"(${c.LIVENESS})")
     parser.add_argument("--metrics-port", type=int,
-                        default=int(os.environ.get("SPANTRAIN_METRICS_PORT", "8080")),
-                        help="Prometheus metrics port (0 disables)")
-    parser.add_argument("--worker-image", default=os.environ.get("SPANTRAIN_WORKER_IMAGE"),
-                        help="worker image for jobs that name none")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                        default=os.environ.get("SPANTRAIN_LOG_LEVEL", "info"),
-                        help="log level (default: $SPANTRAIN_LOG_LEVEL or info)")
+                        help=f"Prometheus metrics port (${c.METRICS_PORT}; default "
+                        f"{OPERATOR_METRICS_PORT}; 0 disables)")
+    parser.add_argument("--worker-image",
+                        help=f"worker image for jobs that name none (${c.WORKER_IMAGE}; "
+                        f"default {d.worker_image})")
+    parser.add_argument("--plan-processes", type=int,
+                        help=f"jobs planned at once, each in its own process "
+                        f"(${c.PLAN_PROCESSES}; default 0: one per CPU)")
+    parser.add_argument("--plan-budget", type=float, dest="plan_budget_seconds",
+                        help="seconds one plan may take; the best plan found by then is used "
+                        f"(${c.PLAN_BUDGET_SECONDS}; default {d.plan_budget_seconds:g})")
+    parser.add_argument("--log-level", choices=settings.LOG_LEVELS,
+                        help=f"log level (${c.LOG_LEVEL}; default {d.log_level})")
     parser.set_defaults(func=run_operator)
 
 
+FLAGS = ("peering", "peering_priority", "liveness", "metrics_port", "worker_image",
+         "plan_processes", "plan_budget_seconds", "log_level")
+OPERATOR_METRICS_PORT = 8080
+
+
 def run_operator(args: argparse.Namespace) -> int:
-    os.environ["SPANTRAIN_METRICS_PORT"] = str(args.metrics_port)
-    os.environ["SPANTRAIN_PEERING"] = args.peering
-    os.environ["SPANTRAIN_PEERING_PRIORITY"] = str(args.priority)
-    if args.worker_image:
-        os.environ["SPANTRAIN_WORKER_IMAGE"] = args.worker_image
+    try:
+        env = settings.Settings.from_env()
+    except ValueError as err:
+        raise SystemExit(f"spantrain operator: {err}") from None
+    if not os.environ.get(c.METRICS_PORT):  # unset: the command serves metrics (0 turns off)
+        env = env.with_(metrics_port=OPERATOR_METRICS_PORT)
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    settings.install(env.with_(**given))
+    args.log_level = settings.current().log_level
     import logging
 
     import kopf
@@ -60,9 +86,9 @@ def run_operator(args: argparse.Namespace) -> int:
 
     kopf.run(
         standalone=args.standalone,
-        priority=args.priority,
-        peering_name=None if args.standalone else args.peering,
-        liveness_endpoint=args.liveness or None,
+        priority=settings.current().peering_priority,
+        peering_name=None if args.standalone else settings.current().peering,
+        liveness_endpoint=settings.current().liveness or None,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
     )

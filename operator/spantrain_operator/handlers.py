@@ -1,7 +1,7 @@
 """kopf handlers of the SpanTrain operator: thin glue over ``reconcile``, ``render``, ``k8s``.
 
 Role: keep two in-memory indexes (the jobs' pods by job, the nodes by name) and run one
-level-based reconcile per job — from a timer (every ``SPANTRAIN_RECONCILE_INTERVAL`` seconds,
+level-based reconcile per job — from a timer (every ``Settings.reconcile_interval`` seconds,
 which also covers resume after an operator restart) and right away on create, resume and
 spec update. Each reconcile reads the job fresh, decides with the pure ``reconcile.decide``,
 plans when told to (inventory -> planner, queued one job at a time by ``planqueue``: a job
@@ -19,13 +19,12 @@ structural and declares only SpanTrain's fields). Run with ``spantrain operator`
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,23 +32,28 @@ import kopf
 from pydantic import ValidationError
 
 from spantrain_planner import api
-from spantrain_planner.cluster import resolve
-from spantrain_planner.errors import InputError, PlanningError
+from spantrain_planner.cluster import ClusterSpec
+from spantrain_planner.contract import PLAN_FILE
+from spantrain_planner.errors import InputError, PlanningError, PlanTimeoutError
 from spantrain_planner.plan import Plan
 
-from . import inventory, k8s, metrics, planqueue, reconcile, render, scrape, status
-
-INTERVAL = float(os.environ.get("SPANTRAIN_RECONCILE_INTERVAL", "2"))
-DEFAULT_IMAGE = os.environ.get("SPANTRAIN_WORKER_IMAGE", render.DEFAULT_IMAGE)
-#: Seconds between progress reads of one job, and the timeout of one read.
-#: JSON list of NetworkPolicy peers that may scrape workers; set (even to []) by the chart's
-#: ``networkPolicy.enabled`` to give every job a NetworkPolicy
-NETWORK_POLICY = os.environ.get("SPANTRAIN_NETWORK_POLICY_SCRAPERS")
-NETWORK_POLICY_SCRAPERS: list[dict[str, Any]] | None = (
-    json.loads(NETWORK_POLICY) if NETWORK_POLICY else None
+from . import (
+    inventory,
+    k8s,
+    metrics,
+    planning,
+    planqueue,
+    reconcile,
+    render,
+    scrape,
+    settings,
+    status,
 )
-PROGRESS_INTERVAL = float(os.environ.get("SPANTRAIN_PROGRESS_INTERVAL", "15"))
-PROGRESS_TIMEOUT = float(os.environ.get("SPANTRAIN_PROGRESS_TIMEOUT", "1"))
+
+SETTINGS = settings.current()
+INTERVAL = SETTINGS.reconcile_interval
+DEFAULT_IMAGE = SETTINGS.worker_image
+NETWORK_POLICY_SCRAPERS = SETTINGS.network_policy_scrapers
 
 PodIndex = kopf.Index[tuple[str, str], dict[str, Any]]
 NodeIndex = kopf.Index[str, dict[str, Any]]
@@ -58,8 +62,10 @@ _kube: k8s.Kube | None = None
 _kube_lock = threading.Lock()
 _job_locks: dict[str, threading.Lock] = {}
 _plans: dict[str, Plan] = {}  # plan hash -> plan (plans are immutable, named by hash)
-_scraper = scrape.Scraper(interval=PROGRESS_INTERVAL, timeout=PROGRESS_TIMEOUT)
-_planner: planqueue.PlanQueue[Plan] = planqueue.PlanQueue()
+_scraper = scrape.Scraper(interval=SETTINGS.progress_interval, timeout=SETTINGS.progress_timeout)
+_planner: planqueue.PlanQueue[tuple[Plan, float]] = planqueue.PlanQueue(
+    processes=SETTINGS.planner_processes
+)
 
 
 def kube() -> k8s.Kube:
@@ -84,12 +90,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = f"{prefix}/kopf-finalizer"
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = int(os.environ.get("SPANTRAIN_WORKERS", "16"))
+    settings.execution.max_workers = SETTINGS.workers
     settings.watching.server_timeout = 300
-    settings.peering.name = os.environ.get("SPANTRAIN_PEERING", "spantrain")
-    settings.peering.priority = int(os.environ.get("SPANTRAIN_PEERING_PRIORITY", "0"))
-    settings.peering.mandatory = os.environ.get("SPANTRAIN_PEERING_MANDATORY", "") == "true"
-    port = int(os.environ.get("SPANTRAIN_METRICS_PORT", "0"))
+    settings.peering.name = SETTINGS.peering
+    settings.peering.priority = SETTINGS.peering_priority
+    settings.peering.mandatory = SETTINGS.peering_mandatory
+    port = SETTINGS.metrics_port
     if port:
         try:
             metrics.serve(port)
@@ -168,6 +174,8 @@ def run(
     namespace: str, name: str, uid: str, pods_index: PodIndex, nodes_index: NodeIndex,
     logger: kopf.Logger,
 ) -> None:
+    if _refusals.get(uid, (0, 0.0))[1] > time.monotonic():
+        return  # backing off after the API server refused a child
     lock = _lock(uid)
     if not lock.acquire(blocking=False):
         return  # another handler is reconciling this job right now; the timer comes back
@@ -190,9 +198,9 @@ def _load_plan(namespace: str, status: Mapping[str, Any]) -> Plan | None:
     if digest in _plans:
         return _plans[digest]
     data = kube().read_config_map_data(namespace, cm)
-    if not data or "plan.json" not in data:
+    if not data or PLAN_FILE not in data:
         return None
-    plan = Plan.model_validate_json(data["plan.json"])
+    plan = Plan.model_validate_json(data[PLAN_FILE])
     _plans[digest] = plan
     return plan
 
@@ -201,12 +209,10 @@ class NoEligibleNodes(PlanningError):
     """No node the placement selects is Ready and schedulable (the job waits, not fails)."""
 
 
-def make_plan(
+def eligible_cluster(
     spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
-) -> Plan:
-    """Inventory -> planner (raises PlanningError subclasses with the planner's message)."""
-    from spantrain_planner.search import make_plan as search
-
+) -> ClusterSpec:
+    """The nodes the job's placement selects, as the planner's cluster description."""
     inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude)
     if inv.cluster is None:
         # the nodes the placement selects but cannot use (not Ready, cordoned...) say more
@@ -218,8 +224,15 @@ def make_plan(
             f"and schedulable){': ' + why if why else ''}; waiting for such a node (or relax "
             "spec.placement)"
         )
-    inputs = api.planner_inputs(spec)
-    return search(resolve(inv.cluster), inputs.profile, inputs.options)
+    return inv.cluster
+
+
+def make_plan(
+    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
+) -> Plan:
+    """Inventory -> planner, in this process (raises PlanningError subclasses)."""
+    cluster = eligible_cluster(spec, nodes, name=name, exclude=exclude)
+    return planning.plan_job(spec, cluster, SETTINGS.plan_budget_seconds)[0]
 
 
 def _forget(namespace: str, name: str, uid: str) -> None:
@@ -235,16 +248,6 @@ def _observe_plan(namespace: str, name: str, plan: Plan) -> None:
         samples_per_second=pred.samples_per_second if pred is not None else None,
         step_seconds=pred.step_seconds if pred is not None else None,
     )
-
-
-def _timed_plan(
-    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
-) -> Plan:
-    t0 = time.monotonic()
-    try:
-        return make_plan(spec, nodes, name=name, exclude=exclude)
-    finally:
-        metrics.PLAN_SECONDS.observe(time.monotonic() - t0)
 
 
 def _run(
@@ -286,10 +289,19 @@ def _run(
     if reason:
         exclude = decision.exclude_nodes
         request = (status.plan_spec_hash(spec), tuple(exclude))
-        compute = functools.partial(_timed_plan, spec, list(nodes.values()),
-                                    name=f"{namespace}/{name}", exclude=exclude)
+        def plan_args() -> tuple[Any, ...]:  # built when the request is submitted
+            cluster = eligible_cluster(spec, list(nodes.values()), name=f"{namespace}/{name}",
+                                       exclude=exclude)
+            return spec, cluster, SETTINGS.plan_budget_seconds
+
         try:
-            new_plan = _planner.result(uid, request, compute, wait_seconds=INTERVAL)
+            done = _planner.result(uid, request, planning.plan_job, plan_args,
+                                   wait_seconds=INTERVAL)
+            if done is not None:
+                metrics.PLAN_SECONDS.observe(done[1])
+            new_plan = done[0] if done is not None else None
+        except PlanTimeoutError as err:
+            decision = reconcile.plan_failed(state, "PlanTimeout", str(err))
         except InputError as err:
             decision = reconcile.plan_failed(state, "InvalidSpec", str(err))
         except NoEligibleNodes as err:
@@ -306,7 +318,11 @@ def _run(
             digest = new_plan.digest()
             _plans[digest] = new_plan
             cm = render.config_map(job, spec, new_plan)
-            kc.create_if_absent(cm)
+            try:
+                kc.create_if_absent(cm)
+            except k8s.Refused as err:
+                _refused(body, reconcile.Decision(status=old_status), err, logger, state)
+                return
             # events of decide (NodeLost...) come first
             early = decision.events
             decision = reconcile.after_plan(
@@ -315,13 +331,13 @@ def _run(
             decision.events = early + decision.events
             _observe_plan(namespace, name, new_plan)
             # write the plan, then go on to pods in the same pass
-            _apply(body, old_status, decision, logger)
+            _apply(body, old_status, decision, logger, state)
             old_status = decision.status
             pods = _marked_deleting(pods, decision.delete_pods, now)
             state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes,
                                        now, DEFAULT_IMAGE)
             decision = reconcile.decide(state)
-    _apply(body, old_status, decision, logger)
+    _apply(body, old_status, decision, logger, state)
     if decision.restarted:
         metrics.restarted(namespace, name)
         # the failed attempt's pods are going: create the next attempt's in the same pass
@@ -330,8 +346,29 @@ def _run(
         state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes, now,
                                    DEFAULT_IMAGE)
         decision = reconcile.decide(state)
-        _apply(body, old_status, decision, logger)
+        _apply(body, old_status, decision, logger, state)
     metrics.set_phase(uid, decision.status.get("phase"))
+
+
+def _refused(
+    body: Mapping[str, Any], d: reconcile.Decision, err: k8s.Refused, logger: kopf.Logger,
+    state: reconcile.JobState | None,
+) -> None:
+    """A child the API server refuses: the job fails (``InvalidSpec``, with the server's
+    message) at once for a 422, after ``CHILD_TRIES`` refusals for a 400/403 (a quota or an
+    admission webhook may change its mind); retries back off. Never a hot loop."""
+    uid = body["metadata"].get("uid", "")
+    tries = _refusals.get(uid, (0, 0.0))[0] + 1
+    metrics.RECONCILE_ERRORS.labels(reason="Refused").inc()
+    if state is None or (err.status != 422 and tries < CHILD_TRIES):
+        delay = INTERVAL * 2**tries
+        _refusals[uid] = (tries, time.monotonic() + delay)  # the timer waits until then
+        raise kopf.TemporaryError(f"{err} (try {tries} of {CHILD_TRIES})", delay=delay)
+    _refusals.pop(uid, None)
+    message = (f"{err}; the job's spec renders an object the cluster does not accept: fix the "
+               "field the message names and apply the job again")
+    failed = reconcile.plan_failed(replace(state, status=d.status), "InvalidSpec", message)
+    _apply(body, d.status, failed, logger)
 
 
 def _marked_deleting(
@@ -356,9 +393,17 @@ def _fallback_spec() -> api.SpanTrainJobSpec:
     return api.SpanTrainJobSpec(model=api.ModelSpec(preset="gpt-tiny"))
 
 
+#: tries before a child the API server refuses (403, 400) fails the job; a 422 (Invalid) fails
+#: it at once: the same spec renders the same object, so retrying cannot help
+CHILD_TRIES = 3
+#: creates one job's pods concurrently (the API client's pool is ``Settings.workers`` wide)
+_creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spantrain-create")
+_refusals: dict[str, tuple[int, float]] = {}  # job uid -> (refusals in a row, retry after)
+
+
 def _apply(
     body: Mapping[str, Any], old_status: Mapping[str, Any], d: reconcile.Decision,
-    logger: kopf.Logger,
+    logger: kopf.Logger, state: reconcile.JobState | None = None,
 ) -> None:
     kc = kube()
     meta = body["metadata"]
@@ -368,12 +413,20 @@ def _apply(
         kc.delete_pod(ns, pod, grace_seconds=grace)
     for cm in d.delete_config_maps:
         kc.delete_config_map(ns, cm)
-    created = []
-    for obj in d.create:
-        if kc.create_if_absent(obj) and obj["kind"] == "Pod":
-            created.append(obj["metadata"]["name"])
-        elif obj["kind"] == "PodGroup":
-            pass
+    # the objects pods refer to first (Service, PodGroup...), in order; then the pods at once
+    # (one round trip to the API server instead of one per pod)
+    others = [o for o in d.create if o["kind"] != "Pod"]
+    pods = [o for o in d.create if o["kind"] == "Pod"]
+    try:
+        for obj in others:
+            kc.create_if_absent(obj)
+        done = list(_creators.map(kc.create_if_absent, pods)) if len(pods) > 1 else [
+            kc.create_if_absent(p) for p in pods]
+    except k8s.Refused as err:
+        _refused(body, d, err, logger, state)
+        return
+    created = [p["metadata"]["name"] for p, new in zip(pods, done, strict=True) if new]
+    _refusals.pop(meta.get("uid", ""), None)
     if created:
         d.events.append(("Normal", "StagePodCreated",
                          f"created {len(created)} worker pod(s): {', '.join(created[:8])}"

@@ -11,6 +11,7 @@ Called by ``handlers``. Must not import torch or spantrain_worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,11 +23,38 @@ from kubernetes.client.rest import ApiException
 
 from spantrain_planner import api
 
+from . import settings
+
 FIELD_MANAGER = "spantrain-operator"
+#: statuses with which the API server refuses an object itself (not a transient failure):
+#: 400 Bad Request, 403 Forbidden (RBAC, admission, quota), 422 Invalid
+REFUSED = (400, 403, 422)
+
+
+class Refused(Exception):
+    """The API server refused to create an object (``status`` 400, 403 or 422)."""
+
+    def __init__(self, kind: str, name: str, status: int, message: str) -> None:
+        super().__init__(f"the API server refused {kind} {name} ({status}): {message}")
+        self.kind, self.name, self.status, self.message = kind, name, status, message
+
+
+def _drain(response: Any) -> None:
+    """Read an answer that was not deserialised, so its connection goes back to the pool."""
+    response.read()
+    response.release_conn()
+
+
+def _api_message(err: ApiException) -> str:
+    """The message of the Status the API server answered with (it names the field)."""
+    try:
+        return str(json.loads(err.body or "{}").get("message") or err.reason)
+    except (ValueError, AttributeError):
+        return str(err.body or err.reason)
 #: Grace period when the operator stops a healthy worker (suspend, spec change, deadline).
 #: Workers checkpoint on their own schedule, so they need little time to stop. Pods of a dead
 #: attempt are deleted at once instead (``reconcile.deletions`` decides).
-POD_DELETE_GRACE_SECONDS = int(os.environ.get("SPANTRAIN_POD_DELETE_GRACE_SECONDS", "10"))
+POD_DELETE_GRACE_SECONDS = settings.current().pod_delete_grace_seconds
 log = logging.getLogger(__name__)
 
 _CUSTOM_KINDS: dict[str, str] = {
@@ -52,15 +80,17 @@ class Kube:
         """Create ``obj``; True if created, False if it already existed."""
         kind = obj["kind"]
         ns = obj["metadata"]["namespace"]
+        raw = {"_preload_content": False}  # the answer is not read: skip deserialising it
         try:
             if kind == "Pod":
-                self.core.create_namespaced_pod(ns, obj)
+                _drain(self.core.create_namespaced_pod(ns, obj, **raw))
             elif kind == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj)
+                _drain(self.core.create_namespaced_config_map(ns, obj, **raw))
             elif kind == "Service":
-                self.core.create_namespaced_service(ns, obj)
+                _drain(self.core.create_namespaced_service(ns, obj, **raw))
             elif kind == "NetworkPolicy":
-                client.NetworkingV1Api(self.api).create_namespaced_network_policy(ns, obj)
+                net = client.NetworkingV1Api(self.api)
+                _drain(net.create_namespaced_network_policy(ns, obj, **raw))
             else:
                 key = f"{obj['apiVersion']}/{kind}"
                 group, version = obj["apiVersion"].split("/")
@@ -70,6 +100,9 @@ class Kube:
         except ApiException as err:
             if err.status == 409:
                 return False
+            if err.status in REFUSED:
+                name = obj["metadata"]["name"]
+                raise Refused(kind, name, err.status, _api_message(err)) from None
             raise
         return True
 
@@ -92,7 +125,8 @@ class Kube:
         """Delete a pod; ``grace_seconds`` None is ``POD_DELETE_GRACE_SECONDS``, 0 is at once."""
         grace = POD_DELETE_GRACE_SECONDS if grace_seconds is None else grace_seconds
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace)
+            _drain(self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace,
+                                                   _preload_content=False))
         except ApiException as err:
             if err.status == 404:
                 return False
@@ -196,7 +230,7 @@ class Kube:
             "reportingInstance": os.environ.get("HOSTNAME", FIELD_MANAGER),
         }
         try:
-            self.core.create_namespaced_event(ns, body)
+            _drain(self.core.create_namespaced_event(ns, body, _preload_content=False))
         except ApiException as err:  # events are advisory
             log.warning("could not record event %s on %s: %s", reason, meta.get("name"), err)
 
@@ -204,7 +238,7 @@ class Kube:
 def new_api_client() -> client.ApiClient:
     """In-cluster configuration when running in a pod, else the kubeconfig.
 
-    The connection pool is as large as kopf's thread pool (``SPANTRAIN_WORKERS``), so
+    The connection pool is as large as kopf's thread pool (``Settings.workers``), so
     concurrent reconciles do not queue for, and keep reopening, connections.
     """
     cfg = client.Configuration()
@@ -215,5 +249,5 @@ def new_api_client() -> client.ApiClient:
         config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg
         )
-    cfg.connection_pool_maxsize = max(int(os.environ.get("SPANTRAIN_WORKERS", "16")), 4)
+    cfg.connection_pool_maxsize = max(settings.current().workers, 4)
     return client.ApiClient(cfg)

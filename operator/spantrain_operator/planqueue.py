@@ -1,47 +1,79 @@
-"""Plan jobs one at a time, first come first served, off kopf's worker threads.
+"""Plan jobs in planner processes, first come first served, off kopf's threads.
 
-Role: planning is CPU-bound Python; run from many of kopf's worker threads at once, the plans
-share the GIL and each finishes only after all of them (50 jobs applied together would all
-wait for the slowest), while they hold every worker thread and starve the reconciles of jobs
-that are already planned. ``PlanQueue.result`` hands a job's planning to one background thread
-and returns at once -- the plan when it is done, None while it is queued or running (the
-job's timer comes back) -- waiting a little only for the plan being computed right now (or
-next), so a lone job is planned within one pass. A request is keyed by what the plan depends on; a
-request with another key replaces the job's earlier one.
+Role: planning is CPU-bound Python. Run in kopf's worker threads, plans share one GIL with the
+operator's own reconciles and each other (50 jobs applied together would all finish after the
+slowest); run in one background thread, they queue behind each other on one core. So each plan
+runs in a process of a small pool (one per CPU by default; started by a fork server that has
+already imported the planner, so a plan starts in milliseconds), and a plan has a time budget
+inside the planner (``search``'s anytime ``time_budget``), so one deep model delays no other
+job by more than that. ``PlanQueue.result`` submits a job's plan and returns at once -- the
+plan when it is done, None while it is queued or running (the job's timer comes back) --
+waiting a little only when the plan is already being computed (or a process is free), so a
+lone job is planned within one pass. A request is keyed by what the plan depends on; a request
+with another key replaces the job's earlier one.
 
 Called by ``handlers``. Must not import torch, spantrain_worker, kopf or the Kubernetes client.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Generic, TypeVar
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: imported once by the fork server, so each planner process starts with the planner loaded
+PRELOAD = ["spantrain_planner.search", "spantrain_planner.api"]
+
 
 class PlanQueue(Generic[T]):
-    def __init__(self, *, name: str = "spantrain-plan") -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, *, processes: int = 1, threads: bool = False) -> None:
+        """``processes`` plans at once, in processes (``threads=True``: in threads, for
+        callables that cannot be pickled)."""
+        self.processes = max(1, processes)
+        self._threads = threads
+        self._pool: Executor | None = None
         self._pending: dict[str, tuple[Hashable, Future[T]]] = {}
         self._lock = threading.Lock()
 
+    def _executor(self) -> Executor:
+        if self._pool is None:  # started on first use: importing the handlers starts nothing
+            if self._threads:
+                self._pool = ThreadPoolExecutor(self.processes, thread_name_prefix="plan")
+            else:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(PRELOAD)
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=ctx)
+        return self._pool
+
     def result(
-        self, job: str, key: Hashable, compute: Callable[[], T], *, wait_seconds: float = 0.0
+        self, job: str, key: Hashable, compute: Callable[..., T],
+        args: Callable[[], tuple[Any, ...]], *, wait_seconds: float = 0.0,
     ) -> T | None:
-        """``compute()``'s value for ``job`` once done (its exception re-raised), else None."""
+        """``compute(*args())``'s value for ``job`` once done (its exception re-raised), else
+        None. ``args`` is called only when a request is submitted (building the arguments can
+        cost more than asking); ``compute`` and the arguments must pickle (a module-level
+        function and data)."""
         with self._lock:
             pending = self._pending.get(job)
-            if pending is None or pending[0] != key:
-                if pending is not None:
-                    pending[1].cancel()  # stale (the spec or the lost nodes changed)
-                pending = (key, self._pool.submit(compute))
-                self._pending[job] = pending
+            stale = pending is not None and pending[0] != key
+        if pending is None or stale:
+            submitted = args()  # outside the lock: it may be slow, or raise
+            with self._lock:
+                pending = self._pending.get(job)
+                if pending is None or pending[0] != key:
+                    if pending is not None:
+                        pending[1].cancel()  # stale (the spec or the lost nodes changed)
+                    pending = (key, self._executor().submit(compute, *submitted))
+                    self._pending[job] = pending
+        assert pending is not None
+        with self._lock:
             future = pending[1]
             ahead = sum(1 for j, (_, f) in self._pending.items() if j != job and not f.done())
-        if wait_seconds > 0 and (future.running() or not ahead):
+        if wait_seconds > 0 and (future.running() or ahead < self.processes):
             wait([future], timeout=wait_seconds)
         if not future.done():
             return None
@@ -60,3 +92,10 @@ class PlanQueue(Generic[T]):
             pending = self._pending.pop(job, None)
         if pending is not None:
             pending[1].cancel()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._pending.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -4,9 +4,9 @@ Role: pure functions from (job identity, spec, plan, node facts) to plain manife
 ConfigMap (``plan.json`` + ``job.json``, immutable, named by plan hash), the headless Service,
 one worker Pod per device (required node affinity to its node, ``nvidia.com/gpu: 1`` on GPU
 devices, tolerations for its node's taints, owner reference, labels, the rendezvous
-environment of torch and Kubeflow plus ``SPANTRAIN_*``, the plan mounted read-only, the image of
-the node's architecture, ``spantrain worker``) and the optional gang-scheduling PodGroup. Pod
-names are deterministic (``<job>-a<attempt>-r<rank>``), which is what makes creation
+environment of torch and Kubeflow plus ``contract.WorkerEnv``, the plan mounted read-only, the
+image of the node's architecture, ``spantrain worker``) and the optional gang-scheduling
+PodGroup. Pod names are deterministic (``<job>-a<attempt>-r<rank>``), which is what makes creation
 idempotent: a second create of the same pod is a conflict, never a duplicate.
 
 Worker pods are hardened like the operator's Deployment: non-root as the image's user (uid/gid
@@ -36,19 +36,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from spantrain_planner import api
+from spantrain_planner import contract as c
 from spantrain_planner.plan import Plan, StagePlan
 
+from . import settings
 from .inventory import UNUSABLE_TAINTS, NodeFacts
 
-DEFAULT_IMAGE = "spantrain:0.1.0"
+DEFAULT_IMAGE = settings.DEFAULT_IMAGE
 MANAGED_BY = "spantrain-operator"
 CONTAINER = "worker"
-PLAN_MOUNT = "/etc/spantrain/plan"
-METRICS_PORT = 9400
+PLAN_MOUNT = c.PLAN_MOUNT
+METRICS_PORT = c.WORKER_METRICS_PORT
 #: The image's user (Dockerfile: ``useradd --uid 10001``); workers run as it.
 WORKER_UID = 10001
 #: The writable scratch directory (an ``emptyDir``) under the read-only root filesystem.
-SCRATCH_MOUNT = "/tmp"
+SCRATCH_MOUNT = c.SCRATCH_MOUNT
 #: Where the worker, torch and matplotlib write, all under the scratch ``emptyDir``; a job's
 #: ``env`` entry of the same name wins.
 SCRATCH_ENV: dict[str, str] = {
@@ -145,7 +147,7 @@ def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan) -> dict[str,
             {L_PLAN: plan.digest()},
         ),
         "immutable": True,
-        "data": {"plan.json": plan.to_json(), "job.json": _job_json(spec)},
+        "data": {c.PLAN_FILE: plan.to_json(), c.JOB_FILE: _job_json(spec)},
     }
 
 
@@ -220,7 +222,7 @@ def pod_host_network(spec: api.SpanTrainJobSpec, facts: NodeFacts | None) -> boo
 
 
 def pod_address_mode(spec: api.SpanTrainJobSpec, facts: NodeFacts | None) -> str:
-    """How one pod is reached (``SPANTRAIN_ADDRESS_MODE``): dns, ip or hostNetwork."""
+    """How one pod is reached (``contract.ADDRESS_MODE``): dns, ip or hostNetwork."""
     mode = spec.rendezvous.address_mode
     if mode == "auto":
         return "hostNetwork" if _is_edge(facts) else "dns"
@@ -384,41 +386,35 @@ def worker_pods(
                 "PET_NODE_RANK": device.rank,
                 "PET_NPROC_PER_NODE": 1,
                 "PYTHONUNBUFFERED": 1,
-                "SPANTRAIN_JOB_NAME": job.name,
-                "SPANTRAIN_NAMESPACE": job.namespace,
-                "SPANTRAIN_ATTEMPT": attempt,
-                "SPANTRAIN_STAGE_INDEX": stage.stage_index,
-                "SPANTRAIN_NUM_STAGES": len(plan.stages),
-                "SPANTRAIN_REPLICA_INDEX": replica,
-                "SPANTRAIN_STAGE_RANKS": ",".join(str(d.rank) for d in stage.devices),
-                "SPANTRAIN_PREV_RANKS": ",".join(map(str, prev)),
-                "SPANTRAIN_NEXT_RANKS": ",".join(map(str, nxt)),
-                "SPANTRAIN_PREV_RANK": prev[0] if prev else -1,
-                "SPANTRAIN_NEXT_RANK": nxt[0] if nxt else -1,
-                "SPANTRAIN_DEVICE_ID": device.device_id,
-                "SPANTRAIN_DEVICE": "cuda" if gpu else "cpu",
-                # the worker's contract (spantrain_worker.config.WorkerEnv): plan, training
-                # block (job.json holds the spec; the worker reads its training block), job
-                "SPANTRAIN_PLAN": f"{PLAN_MOUNT}/plan.json",
-                "SPANTRAIN_TRAINING": f"{PLAN_MOUNT}/job.json",
-                "SPANTRAIN_JOB": job.name,
-                "SPANTRAIN_PLAN_PATH": f"{PLAN_MOUNT}/plan.json",
-                "SPANTRAIN_JOB_PATH": f"{PLAN_MOUNT}/job.json",
-                "SPANTRAIN_PLAN_HASH": digest,
-                "SPANTRAIN_ADDRESS_MODE": pod_address_mode(spec, facts),
-                "SPANTRAIN_METRICS_PORT": metrics_port,
+                # for people (kubectl exec, logs): where this pod sits in the plan
+                c.ATTEMPT: attempt,
+                c.STAGE_INDEX: stage.stage_index,
+                c.NUM_STAGES: len(plan.stages),
+                c.REPLICA_INDEX: replica,
+                c.STAGE_RANKS: ",".join(str(d.rank) for d in stage.devices),
+                c.PREV_RANKS: ",".join(map(str, prev)),
+                c.NEXT_RANKS: ",".join(map(str, nxt)),
+                c.DEVICE_ID: device.device_id,
+                c.PLAN_HASH: digest,
+                c.ADDRESS_MODE: pod_address_mode(spec, facts),
             }
+            # the worker's contract: plan, job spec (the worker reads its training block)
+            env.update(c.WorkerEnv(
+                plan_path=f"{c.PLAN_MOUNT}/{c.PLAN_FILE}",
+                training_path=f"{c.PLAN_MOUNT}/{c.JOB_FILE}",
+                job=job.name, namespace=job.namespace, metrics_port=metrics_port,
+                device="cuda" if gpu else "cpu", checkpoint_dir=checkpoint.path or None,
+            ).to_env())
+            if checkpoint.path:
+                env[c.CHECKPOINT_INTERVAL] = checkpoint.interval_steps
             user_env = {e.name for e in spec.env}
             env.update({k: v for k, v in SCRATCH_ENV.items() if k not in user_env})
-            if checkpoint.path:
-                env["SPANTRAIN_CHECKPOINT_DIR"] = checkpoint.path
-                env["SPANTRAIN_CHECKPOINT_INTERVAL"] = checkpoint.interval_steps
             env_list = _env(env) + [
                 {"name": e.name, "value": e.value} for e in spec.env
             ]
             env_list.append(
                 {
-                    "name": "SPANTRAIN_POD_IP",
+                    "name": c.POD_IP,
                     "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
                 }
             )

@@ -46,6 +46,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from . import contract
 from .cluster import load_document
 from .errors import InputError
 from .options import PlannerOptions
@@ -104,10 +105,9 @@ MAX_QUANTITY_LENGTH = 32
 MAX_RESOURCES = 6
 #: ``spec.images`` keys: the kubernetes.io/arch values of the platforms Kubernetes ships for.
 ARCHITECTURES = ("amd64", "arm64", "arm", "ppc64le", "s390x")
-#: Mount points every worker pod has (``spantrain_operator.render.PLAN_MOUNT`` and
-#: ``SCRATCH_MOUNT``; ``tests/operator/test_bad_manifests.py`` checks they agree).
-PLAN_MOUNT = "/etc/spantrain/plan"
-SCRATCH_MOUNT = "/tmp"
+#: Mount points every worker pod has (defined by the process contract).
+PLAN_MOUNT = contract.PLAN_MOUNT
+SCRATCH_MOUNT = contract.SCRATCH_MOUNT
 
 _ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 #: Kubernetes name syntax (k8s.io/apimachinery/pkg/util/validation). The patterns are written
@@ -894,20 +894,19 @@ class ResourcesSpec(_Spec):
         return self
 
 
+RESERVED_ENV_RULE = Rule(
+    f"!self.name.startsWith('{contract.PREFIX}') && !(self.name in "
+    + str(list(RESERVED_ENV)).replace('"', "'")
+    + ")",
+    "env name is reserved: the operator sets MASTER_*, WORLD_SIZE, RANK, LOCAL_RANK, PET_* and "
+    f"{contract.PREFIX}*",
+)
+
+
 class EnvVar(_Spec):
     """An extra environment variable for every worker."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_cel(
-            (
-                "!self.name.startsWith('SPANTRAIN_') && !(self.name in "
-                + str(list(RESERVED_ENV)).replace('"', "'")
-                + ")",
-                "env name is reserved: the operator sets MASTER_*, WORLD_SIZE, RANK, "
-                "LOCAL_RANK, PET_* and SPANTRAIN_*",
-            )
-        )
-    )
+    model_config = ConfigDict(json_schema_extra=_cel(RESERVED_ENV_RULE))
 
     name: str = Field(
         max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
@@ -916,8 +915,8 @@ class EnvVar(_Spec):
 
     @model_validator(mode="after")
     def _not_reserved(self) -> EnvVar:
-        if self.name.startswith("SPANTRAIN_") or self.name in RESERVED_ENV:
-            raise ValueError(f"env name {self.name} is reserved for the operator")
+        if self.name.startswith(contract.PREFIX) or self.name in RESERVED_ENV:
+            raise RESERVED_ENV_RULE.error(self.name)
         return self
 
 

@@ -32,7 +32,24 @@ class InfeasibleError(PlanningError):
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # keyword-only fields survive pickling (the operator plans in other processes)
+        return (_infeasible, (str(self), self.device_id, self.needed_bytes,
+                              self.available_bytes))
+
+
+def _infeasible(
+    message: str, device_id: str | None, needed: int | None, available: int | None
+) -> InfeasibleError:
+    return InfeasibleError(
+        message, device_id=device_id, needed_bytes=needed, available_bytes=available
+    )
+
 
 def gib(num_bytes: float) -> str:
     """Format bytes as GiB with two decimals (for messages)."""
     return f"{num_bytes / 2**30:.2f} GiB"
+
+
+class PlanTimeoutError(PlanningError):
+    """The search's time budget ran out before any plan that fits was found."""

@@ -23,14 +23,16 @@ Pure: planner modules and the standard library only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .assemble import StageLayout, assemble, boundary_seconds
 from .cluster import Topology
-from .errors import InfeasibleError, InputError, gib
+from .errors import InfeasibleError, InputError, PlanTimeoutError, gib
 from .grouping import NetworkGroup, group_devices
 from .options import PlannerOptions
 from .plan import ExcludedDevice, Plan, Schedule
@@ -114,12 +116,15 @@ def partition_layers(
     *,
     schedule: str = "1f1b",
     cost: CostModel = DEFAULT_COST,
+    windows: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[float, list[tuple[int, int]]] | None:
     """Contiguous layer ranges for the stages minimising the bottleneck stage time.
 
     Stage time per micro-batch = max(compute on its slowest device, its outgoing boundary
     transfer) + its all-reduce divided by the micro-batch count. Returns (bottleneck seconds,
-    ranges) or None when no partition fits every device's memory.
+    ranges) or None when no partition fits every device's memory. ``windows[j]`` (inclusive),
+    when given, bounds where stage ``j`` may end (one entry per stage but the last): the
+    optimum over those cuts, found in time proportional to the windows' sizes.
     """
     p = len(stages)
     num_layers = sums.profile.num_layers
@@ -155,6 +160,8 @@ def partition_layers(
                 for d, share in zip(st.devices, st.shares, strict=True)
             )
         )
+    if not _memory_fits(mem_rows, params, stash, cost.state_copies, num_layers):
+        return None
     link_factor = [0.0] * p
     link_latency = [0.0] * p
     for j in range(p - 1):
@@ -193,6 +200,10 @@ def partition_layers(
         last = j == p - 1
         lo_end = j + 1
         hi_end = num_layers - (p - 1 - j)
+        if windows is not None and not last:
+            lo_end, hi_end = max(lo_end, windows[j][0]), min(hi_end, windows[j][1])
+        # the previous stage ends (this one starts) only inside its window
+        top_start = windows[j - 1][1] if windows is not None and j > 0 else num_layers
         prev_row = best[j]
         prev_total = total[j]
         cur_row = best[j + 1]
@@ -205,7 +216,7 @@ def partition_layers(
             best_here = inf
             best_sum = inf
             arg = -1
-            for start in range(end - 1, j - 1, -1):
+            for start in range(min(end - 1, top_start), j - 1, -1):
                 pb = params[end] - params[start]
                 sb = stash[end] - stash[start]
                 if any(pb * copies + r * sb > capacity for capacity, r in rows):
@@ -237,6 +248,32 @@ def partition_layers(
         end = start
     ranges.reverse()
     return best[p][num_layers], ranges
+
+
+def _memory_fits(
+    mem_rows: Sequence[Sequence[tuple[int, int]]],
+    params: Sequence[int],
+    stash: Sequence[int],
+    copies: int,
+    num_layers: int,
+) -> bool:
+    """Whether some partition fits memory at all, in linear time: each stage in turn takes
+    as many layers as fit (exact, because a range needs no less memory than any range inside
+    it), leaving one for each later stage."""
+    p, start = len(mem_rows), 0
+    for j, rows in enumerate(mem_rows):
+        limit = num_layers if j == p - 1 else num_layers - (p - 1 - j)
+        end = start
+        while end < limit and not any(
+            (params[end + 1] - params[start]) * copies + r * (stash[end + 1] - stash[start])
+            > capacity
+            for capacity, r in rows
+        ):
+            end += 1
+        if end == start or (j == p - 1 and end < num_layers):
+            return False
+        start = end
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +403,7 @@ def joint_partition(
 # coarsening (keeps the structure search fast on deep models)
 
 COARSE_LAYERS = 24  # the structure search runs on at most this many merged layers
+WINDOWED_DP_LAYERS = 128  # deeper models: the full-profile DP looks only near the merged cuts
 
 
 def coarsen(
@@ -431,6 +469,12 @@ class SearchStats:
     partitions: int = 0
     simulations: int = 0
     best_by_groups: dict[tuple[int, ...], float] = field(default_factory=dict)
+    #: the time budget ran out: structures not yet generated or scored were skipped
+    truncated: bool = False
+
+
+class _OutOfTime(Exception):
+    """The search's time budget is spent (caught inside ``search``)."""
 
 
 def split_group(topology: Topology, group: NetworkGroup, num_stages: int) -> list[tuple[int, ...]]:
@@ -510,13 +554,17 @@ class _Searcher:
         profile: ModelProfile,
         options: PlannerOptions,
         cost: CostModel,
+        deadline: float = math.inf,
     ) -> None:
         self.topology = topology
+        self.deadline = deadline  # time.monotonic() after which the search stops generating
         self.profile = profile
         self.options = options
         self.cost = cost
         self.sums = ProfileSums(profile)
         coarse, _ = coarsen(profile)
+        mid, self.mid_bounds = coarsen(profile, WINDOWED_DP_LAYERS // 2)
+        self.mid_sums = ProfileSums(mid)
         self.coarse = coarse.num_layers < profile.num_layers
         self.search_sums = ProfileSums(coarse) if self.coarse else self.sums
         self.stats = SearchStats()
@@ -534,6 +582,8 @@ class _Searcher:
         candidate count on the full profile afterwards (``refine``).
         """
         self.stats.structures += 1
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
         sums = self.sums if every_m else self.search_sums
         p = len(stage_sets)
         if p > self.max_stages:
@@ -559,9 +609,7 @@ class _Searcher:
                     StageDevices(tuple(d for d, _ in kept), tuple(s for _, s in kept), gi)
                 )
             self.stats.partitions += 1
-            result = partition_layers(
-                stages, self.topology, sums, m, schedule=self.schedule_for_dp, cost=self.cost
-            )
+            result = self._partition(stages, sums, m)
             if result is None:
                 continue
             bottleneck, ranges = result
@@ -586,6 +634,27 @@ class _Searcher:
         if best < self.structures.get(stage_sets, math.inf):
             self.structures[stage_sets] = best
         return best
+
+    def _partition(
+        self, stages: Sequence[StageDevices], sums: ProfileSums, m: int
+    ) -> tuple[float, list[tuple[int, int]]] | None:
+        """``partition_layers``; on a deep model's full profile, two-level: the cuts of the
+        optimum on 64 merged layers, then the full profile's optimum within two merged layers
+        of each
+        (the full DP is quadratic in the layers: ~50 s for 1,000 layers on eight stages)."""
+        dp = functools.partial(
+            partition_layers, stages, self.topology, schedule=self.schedule_for_dp, cost=self.cost
+        )
+        if sums is self.search_sums or self.profile.num_layers <= WINDOWED_DP_LAYERS:
+            return dp(sums, m)
+        rough = dp(self.mid_sums, m)
+        if rough is None:
+            return dp(sums, m)  # merged layers can be too coarse to fit: the exact DP decides
+        bounds, last = self.mid_bounds, len(self.mid_bounds) - 1
+        windows = [  # rough ranges are in merged-layer indices
+            (bounds[max(k - 2, 0)], bounds[min(k + 2, last)]) for _, k in rough[1][:-1]
+        ]
+        return dp(sums, m, windows=windows) or dp(sums, m)
 
     def climb(self, groups: Sequence[NetworkGroup]) -> None:
         """Hill-climb the number of stages per group, starting from one stage per group."""
@@ -742,9 +811,13 @@ def make_plan(
     *,
     cost: CostModel = DEFAULT_COST,
     exhaustive_groups: int | None = None,
+    time_budget: float | None = None,
 ) -> Plan:
     """Plan ``profile`` on ``topology``; raises ``InfeasibleError`` when nothing fits."""
-    plan, _ = search(topology, profile, options, cost=cost, exhaustive_groups=exhaustive_groups)
+    plan, _ = search(
+        topology, profile, options, cost=cost, exhaustive_groups=exhaustive_groups,
+        time_budget=time_budget,
+    )
     return plan
 
 
@@ -755,12 +828,49 @@ def search(
     *,
     cost: CostModel = DEFAULT_COST,
     exhaustive_groups: int | None = None,
+    time_budget: float | None = None,
 ) -> tuple[Plan, SimResult]:
-    """``make_plan`` that also returns the winning simulation (for charts and reports)."""
+    """``make_plan`` that also returns the winning simulation (for charts and reports).
+
+    With ``time_budget`` (seconds) the search is anytime: it stops generating structures at
+    half the budget and scoring them at the whole, and returns the best plan found by then;
+    when none fits by then it raises a ``PlanningError`` that says so.
+    """
     if topology.num_devices == 0:
         raise InfeasibleError("the cluster has no devices; check the placement's node selector")
-    searcher = _Searcher(topology, profile, options, cost)
+    started = time.monotonic()
+    budget = math.inf if time_budget is None else time_budget
+    searcher = _Searcher(topology, profile, options, cost, deadline=started + budget / 2)
     groups = group_devices(topology, options.network_cut_ratio, options.compute_tolerance)
+    try:
+        _generate(searcher, groups, exhaustive_groups)
+    except _OutOfTime:
+        searcher.stats.truncated = True
+    if not searcher.candidates:
+        if searcher.stats.truncated:
+            raise _out_of_time(profile, budget, searcher.stats)
+        raise _infeasible(topology, profile, options, cost)
+    searcher.deadline = started + budget
+    try:
+        return _score(searcher, groups)
+    except _OutOfTime:
+        raise _out_of_time(profile, budget, searcher.stats) from None
+
+
+def _out_of_time(profile: ModelProfile, budget: float, stats: SearchStats) -> PlanTimeoutError:
+    return PlanTimeoutError(
+        f"planning {profile.num_layers} layers found no plan that fits within its time budget "
+        f"of {budget:g} s ({stats.structures} structures and {stats.simulations} simulations "
+        "tried); give the planner more time (the operator's planBudgetSeconds), fix "
+        "planner.numMicrobatches or planner.maxStages, or use a shallower model"
+    )
+
+
+def _generate(
+    searcher: _Searcher, groups: list[NetworkGroup], exhaustive_groups: int | None
+) -> None:
+    """Candidate structures: hill-climbs per group order, joint DPs, then the best refined."""
+    topology, options = searcher.topology, searcher.options
     orders = _orders(groups, topology)
     if exhaustive_groups is not None and len(groups) > exhaustive_groups:
         orders = orders[: len(groups)]
@@ -830,9 +940,13 @@ def search(
         )
         searcher.climb([merged])
     searcher.refine(TOP_CANDIDATES * (8 if topology.num_devices <= SMALL_CLUSTER else 1))
-    if not searcher.candidates:
-        raise _infeasible(topology, profile, options, cost)
 
+
+def _score(searcher: _Searcher, groups: Sequence[NetworkGroup]) -> tuple[Plan, SimResult]:
+    """Simulate the best candidates under each schedule, polish the winner's cuts, validate."""
+    topology, profile, options, cost = (
+        searcher.topology, searcher.profile, searcher.options, searcher.cost
+    )
     schedules: list[Schedule] = (
         ["gpipe", "1f1b", "zb"] if options.schedule == "auto" else [options.schedule]
     )
@@ -841,6 +955,9 @@ def search(
 
     def score(cand: Candidate, schedule: Schedule, relaxed: bool) -> float:
         nonlocal best, worst_violation
+        if time.monotonic() > searcher.deadline:
+            searcher.stats.truncated = True
+            raise _OutOfTime
         layouts = [
             StageLayout(r[0], r[1], st.devices, st.shares, st.network_group)
             for st, r in zip(cand.stages, cand.ranges, strict=True)
@@ -873,49 +990,53 @@ def search(
             best = (key, plan, sim, cand)
         return sim.step_seconds
 
-    # phase 1: the best-estimated structures (two micro-batch counts each), one schedule
-    small = topology.num_devices <= SMALL_CLUSTER
-    tiny = topology.num_devices <= TINY_CLUSTER
-    by_structure: dict[object, list[Candidate]] = {}
-    for cand in sorted(searcher.candidates, key=lambda c: (c.estimate, c.key)):
-        group = by_structure.setdefault(tuple(st.devices for st in cand.stages), [])
-        if len(group) < (3 if tiny else 2) and all(
-            c.num_microbatches != cand.num_microbatches for c in group
-        ):
-            group.append(cand)
-    top = len(by_structure) if tiny else TOP_CANDIDATES * (8 if small else 1)
-    first = [c for cands in list(by_structure.values())[:top] for c in cands]
-    probes: list[Schedule] = [x for x in SCHEDULES_BY_MEMORY if x in schedules]
+    try:
+        # phase 1: the best-estimated structures (two micro-batch counts each), one schedule
+        small = topology.num_devices <= SMALL_CLUSTER
+        tiny = topology.num_devices <= TINY_CLUSTER
+        by_structure: dict[object, list[Candidate]] = {}
+        for cand in sorted(searcher.candidates, key=lambda c: (c.estimate, c.key)):
+            group = by_structure.setdefault(tuple(st.devices for st in cand.stages), [])
+            if len(group) < (3 if tiny else 2) and all(
+                c.num_microbatches != cand.num_microbatches for c in group
+            ):
+                group.append(cand)
+        top = len(by_structure) if tiny else TOP_CANDIDATES * (8 if small else 1)
+        first = [c for cands in list(by_structure.values())[:top] for c in cands]
+        probes: list[Schedule] = [x for x in SCHEDULES_BY_MEMORY if x in schedules]
 
-    def probe(cand: Candidate) -> float:
-        """The first schedule that fits in memory (zb keeps the most activations)."""
-        for schedule in probes:
-            value = score(cand, schedule, False)
-            if value < math.inf:
-                return value
-        return math.inf
+        def probe(cand: Candidate) -> float:
+            """The first schedule that fits in memory (zb keeps the most activations)."""
+            for schedule in probes:
+                value = score(cand, schedule, False)
+                if value < math.inf:
+                    return value
+            return math.inf
 
-    scored = sorted(((probe(c), c.key, c) for c in first), key=lambda t: t[:2])
-    # phase 2: the front runners under every schedule (and zb with relaxed memory limits)
-    for _, _, cand in scored[: FINALISTS * (6 if tiny else 4 if small else 1)]:
-        for schedule in schedules:
-            score(cand, schedule, False)
-        if "zb" in schedules and len(cand.stages) > 1:
-            score(cand, "zb", True)
-    # phase 3: polish the winner's layer cuts with the simulator in the loop
-    if best is not None:
-        variants: list[tuple[Schedule, bool]] = (
-            [(sch, False) for sch in schedules] + ([("zb", True)] if "zb" in schedules else [])
-            if small
-            else []
-        )
-        starts = [best]
-        if tiny:  # polish the other front runners too: cuts and structure interact
-            starts += [
-                (best[0], best[1], best[2], cand) for _, _, cand in scored[1 : FINALISTS * 6]
-            ]
-        for start in starts:
-            _polish(start, score, rounds=POLISH_ROUNDS if small else 1, variants=variants)
+        scored = sorted(((probe(c), c.key, c) for c in first), key=lambda t: t[:2])
+        # phase 2: the front runners under every schedule (and zb with relaxed memory limits)
+        for _, _, cand in scored[: FINALISTS * (6 if tiny else 4 if small else 1)]:
+            for schedule in schedules:
+                score(cand, schedule, False)
+            if "zb" in schedules and len(cand.stages) > 1:
+                score(cand, "zb", True)
+        # phase 3: polish the winner's layer cuts with the simulator in the loop
+        if best is not None:
+            variants: list[tuple[Schedule, bool]] = (
+                [(sch, False) for sch in schedules] + ([("zb", True)] if "zb" in schedules else [])
+                if small
+                else []
+            )
+            starts = [best]
+            if tiny:  # polish the other front runners too: cuts and structure interact
+                starts += [
+                    (best[0], best[1], best[2], cand) for _, _, cand in scored[1 : FINALISTS * 6]
+                ]
+            for start in starts:
+                _polish(start, score, rounds=POLISH_ROUNDS if small else 1, variants=variants)
+    except _OutOfTime:
+        if best is None:
+            raise  # nothing fits yet: say the budget ran out
     if best is None:
         if worst_violation is not None:
             dev, need, cap = worst_violation

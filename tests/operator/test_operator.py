@@ -9,6 +9,7 @@ deletion, infeasible plans, and the API server's validation of good and bad mani
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def test_apply_plans_creates_pods_and_runs(kube_api: Any, namespace: str, operat
             assert env["SPANTRAIN_STAGE_INDEX"] == str(stage.stage_index)
             assert env["SPANTRAIN_NUM_STAGES"] == str(plan.pp_degree)
             assert env["SPANTRAIN_PLAN_HASH"] == summary["hash"]
-            assert env["SPANTRAIN_PLAN_PATH"] == "/etc/spantrain/plan/plan.json"
+            assert env["SPANTRAIN_PLAN"] == "/etc/spantrain/plan/plan.json"
             limits = pod.spec.containers[0].resources.limits or {}
             assert limits.get("nvidia.com/gpu") == ("1" if device.accelerator != "cpu" else None)
             assert pod.spec.containers[0].args == ["worker"]  # through the image's tini
@@ -255,6 +256,42 @@ def test_infeasible_job_fails_with_plan_infeasible(
     assert not live_pods(kube_api, ns, "huge")
     assert "PlanInfeasible" in events_of(kube_api, ns, "huge")
 
+
+
+def test_child_refused_by_the_api_server_fails_the_job(
+    kube_api: Any, namespace: str, operator: KopfRunner
+) -> None:
+    """A child the API server refuses (here a ResourceQuota forbids pods, 403) fails the job
+    with InvalidSpec and the server's message after a few backed-off tries: never silent,
+    never a hot retry loop."""
+    from prometheus_client import REGISTRY
+
+    ns = namespace
+    core = k8s_client.CoreV1Api(kube_api)
+    core.create_namespaced_resource_quota(ns, {
+        "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
+    refused = {"reason": "Refused"}
+    before = REGISTRY.get_sample_value("spantrain_operator_reconcile_errors_total", refused) or 0
+    t0 = time.monotonic()
+    create_job(kube_api, ns, job_manifest("refused"))
+    job = wait_for(lambda: phase_is(kube_api, ns, "refused", "Failed"), 30, "Failed")
+    took = time.monotonic() - t0
+    calls = (REGISTRY.get_sample_value("spantrain_operator_reconcile_errors_total", refused)
+             or 0) - before
+    # (KopfRunner swaps sys.stdout while the operator runs)
+    print(f"\nchild refused: Failed/{job['status']['reason']} after {took:.1f} s and "
+          f"{calls:.0f} refused creation(s)", file=sys.__stdout__)
+    assert job["status"]["reason"] == "InvalidSpec"
+    message = job["status"]["message"]
+    assert "refused Pod" in message and "exceeded quota" in message and "403" in message
+    assert condition(job, "Failed")["reason"] == "InvalidSpec"
+    assert 1 <= calls <= 3, calls
+    time.sleep(3)  # and it stays failed, with no further tries
+    again = (REGISTRY.get_sample_value("spantrain_operator_reconcile_errors_total", refused)
+             or 0) - before
+    assert again == calls
+    assert get_job(kube_api, ns, "refused")["status"]["phase"] == "Failed"
+    assert "InvalidSpec" in events_of(kube_api, ns, "refused")
 
 
 def test_job_without_eligible_nodes_waits_then_starts(

@@ -8,11 +8,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spantrain_operator import reconcile, render, status
 from spantrain_planner import api
+from spantrain_planner.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_render import JOB, make_plan
+
+REPO = Path(__file__).resolve().parents[2]
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -393,30 +398,82 @@ def test_plan_queue_is_first_come_first_served_and_keyed() -> None:
         order.append(job)
         return f"plan-{job}"
 
-    q: PlanQueue[str] = PlanQueue()
-    assert q.result("a", 1, lambda: compute("a")) is None  # running, not waited for
-    assert q.result("b", 1, lambda: compute("b")) is None  # queued behind a
-    assert q.result("c", 1, lambda: compute("c")) is None
-    assert q.result("c", 2, lambda: compute("c2")) is None  # a new key replaces c's request
+    q: PlanQueue[str] = PlanQueue(processes=1, threads=True)  # lambdas: threads
+    assert q.result("a", 1, compute, lambda: ("a",)) is None  # running, not waited for
+    assert q.result("b", 1, compute, lambda: ("b",)) is None  # queued behind a
+    assert q.result("c", 1, compute, lambda: ("c",)) is None
+    assert q.result("c", 2, compute, lambda: ("c2",)) is None  # a new key replaces c's request
     assert q.queued() == 3
     gate.set()
-    assert q.result("a", 1, lambda: compute("x"), wait_seconds=5) == "plan-a"
+    assert q.result("a", 1, compute, lambda: ("x",), wait_seconds=5) == "plan-a"
     deadline = time.monotonic() + 5
     while q.queued() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert q.result("b", 1, lambda: compute("x")) == "plan-b"
-    assert q.result("c", 2, lambda: compute("x")) == "plan-c2"
+    assert q.result("b", 1, compute, lambda: ("x",)) == "plan-b"
+    assert q.result("c", 2, compute, lambda: ("x",)) == "plan-c2"
     assert order == ["a", "b", "c2"]  # c's stale request never ran
+
+    built: list[int] = []  # the arguments are built once per submitted request, not per ask
+
+    def args() -> tuple[str]:
+        built.append(1)
+        return ("e",)
+
+    while q.result("e", 1, compute, args, wait_seconds=0.01) is None:
+        pass
+    assert built == [1]
 
     def boom() -> str:
         raise ValueError("infeasible")
 
     try:
-        q.result("d", 1, boom, wait_seconds=5)
+        q.result("d", 1, boom, tuple, wait_seconds=5)
     except ValueError as err:
         assert str(err) == "infeasible"
     else:
         raise AssertionError("the planner's error is re-raised")
+
+
+def test_planner_processes_plan_in_parallel_and_carry_errors() -> None:
+    """Plans run in planner processes: two at once, and the planner's errors (with their
+    fields) come back to the operator."""
+    import time
+
+    from spantrain_operator import planning
+    from spantrain_operator.planqueue import PlanQueue
+    from spantrain_planner.cluster import ClusterSpec, load_cluster
+    from spantrain_planner.errors import InfeasibleError, PlanTimeoutError
+
+    cluster = load_cluster(REPO / "examples" / "clusters" / "paper-env1.yaml")
+    spec = api.parse_spec({"model": {"preset": "gpt2-small"}, "training": {"globalBatch": 32}})
+    q: PlanQueue[tuple[Plan, float]] = PlanQueue(processes=2)
+    try:
+        assert q.result("a", 1, planning.plan_job, lambda: (spec, cluster, 60.0)) is None
+        assert q.result("b", 1, planning.plan_job, lambda: (spec, cluster, 60.0)) is None
+        deadline = time.monotonic() + 120
+        while q.queued() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a = q.result("a", 1, planning.plan_job, lambda: (spec, cluster, 60.0))
+        b = q.result("b", 1, planning.plan_job, lambda: (spec, cluster, 60.0))
+        assert a is not None and b is not None and a[0].digest() == b[0].digest()
+        assert a[0].predicted is not None and a[1] > 0
+
+        small = api.parse_spec({"model": {"preset": "gpt2-small"},
+                                "training": {"globalBatch": 8}})
+        pis = ClusterSpec.model_validate({"name": "pis", "nodes": [
+            {"name": f"pi-{i}", "devices": [{"computeTflops": 0.05, "memoryBytes": "1Gi"}]}
+            for i in range(2)]})
+        with pytest.raises(InfeasibleError) as info:
+            q.result("c", 1, planning.plan_job, lambda: (small, pis, 60.0),
+                     wait_seconds=120)
+        assert info.value.device_id and info.value.needed_bytes and info.value.available_bytes
+        assert info.value.needed_bytes > info.value.available_bytes
+
+        with pytest.raises(PlanTimeoutError, match="time budget"):
+            q.result("d", 1, planning.plan_job, lambda: (spec, cluster, 1e-6),
+                     wait_seconds=120)
+    finally:
+        q.shutdown()
 
 
 def test_waiting_for_nodes_is_pending_and_warns_once() -> None:

@@ -20,7 +20,7 @@ Interface: gloo and NCCL announce the address they get by resolving the host nam
 ``hostNetwork`` pod on a node whose network namespace differs from its UTS host name is an
 address the peers cannot reach. ``set_socket_ifname`` (called before ``init_process_group``)
 sets ``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` to the interface holding the pod's IP
-(``SPANTRAIN_POD_IP``, from ``status.podIP``) unless the user set them; the choice
+(``contract.POD_IP``, from ``status.podIP``) unless the user set them; the choice
 (``socket_ifname_env``) is pure, reading the interfaces (``local_addresses``) is not.
 
 Must not import kopf, the Kubernetes client or ``spantrain_operator``.
@@ -48,6 +48,7 @@ import torch.distributed as dist
 # its stubs); the public path is the supported one, so only the stub check is silenced.
 from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
+from spantrain_planner import contract
 from spantrain_planner.plan import Plan, boundary_transfers
 
 Direction = Literal["act", "grad"]
@@ -81,16 +82,15 @@ class RendezvousEnv:
             master_port=int(env["MASTER_PORT"]),
             world_size=int(env["WORLD_SIZE"]),
             rank=int(env["RANK"]),
-            timeout_seconds=float(env.get("SPANTRAIN_RENDEZVOUS_TIMEOUT", "300")),
+            timeout_seconds=contract.number(
+                env, contract.RENDEZVOUS_TIMEOUT, contract.RENDEZVOUS_TIMEOUT_SECONDS),
         )
 
 
-def device_and_backend(env: dict[str, str] | None = None) -> tuple[torch.device, str]:
-    """CUDA + NCCL if a GPU is visible (or ``SPANTRAIN_DEVICE=cuda``), else CPU + gloo."""
-    env = dict(os.environ if env is None else env)
-    wanted = env.get("SPANTRAIN_DEVICE", "auto")
+def device_and_backend(wanted: str = "auto") -> tuple[torch.device, str]:
+    """CUDA + NCCL if a GPU is visible (or ``wanted`` is cuda), else CPU + gloo."""
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        local = int(env.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+        local = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local)
         return torch.device("cuda", local), "nccl"
     return torch.device("cpu"), "gloo"
@@ -154,10 +154,11 @@ def socket_ifname_env(
     env: Mapping[str, str], addresses: Mapping[str, list[str]]
 ) -> dict[str, str]:
     """The ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` to set: the interface holding
-    ``SPANTRAIN_POD_IP``, for each variable the user left unset (or set empty). Empty when
-    the pod IP is unknown or no interface holds it (torch then resolves the host name).
-    NCCL reads its variable as a prefix list, so it gets ``=name`` (exactly this interface)."""
-    pod_ip = env.get("SPANTRAIN_POD_IP", "").strip()
+    the pod's IP (``contract.POD_IP``), for each variable the user left unset (or set
+    empty). Empty when the pod IP is unknown or no interface holds it (torch then resolves
+    the host name). NCCL reads its variable as a prefix list, so it gets ``=name`` (exactly
+    this interface)."""
+    pod_ip = env.get(contract.POD_IP, "").strip()
     if not pod_ip:
         return {}
     ifname = interface_for_ip(pod_ip, addresses)
@@ -196,7 +197,7 @@ def rendezvous(
             f"rank {env.rank}: cannot reach the rendezvous store at {env.master_addr}:"
             f"{env.master_port} served by rank 0 ({names.get(0, 'device unknown')}) within "
             f"{env.timeout_seconds:.0f}s: {err}. Rank 0 never came up, or MASTER_ADDR/"
-            "MASTER_PORT are wrong; raise SPANTRAIN_RENDEZVOUS_TIMEOUT for slow starts"
+            "MASTER_PORT are wrong; raise " + contract.RENDEZVOUS_TIMEOUT + " for slow starts"
         ) from None
     digest = plan.digest()
     store.set(f"plan/{env.rank}", digest)
@@ -210,7 +211,7 @@ def rendezvous(
             raise RendezvousError(
                 f"rank {env.rank}: after {env.timeout_seconds:.0f}s these ranks never "
                 f"arrived at {env.master_addr}:{env.master_port}: {who}. Check their pods "
-                "(scheduling, image pull, crash) or raise SPANTRAIN_RENDEZVOUS_TIMEOUT"
+                "(scheduling, image pull, crash) or raise " + contract.RENDEZVOUS_TIMEOUT
             )
         time.sleep(0.05)
     other = store.get("plan/0").decode()

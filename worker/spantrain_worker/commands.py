@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from spantrain_planner import contract
 from spantrain_planner.api import load_job, planner_inputs
 from spantrain_planner.cluster import ClusterSpec, Topology, load_cluster, resolve
 from spantrain_planner.plan import Plan
@@ -80,10 +81,11 @@ def add_worker_parser(subparsers: Any) -> None:
         "worker",
         help="run one training worker (the pod entrypoint)",
         description="Run one rank of a SpanTrain job. Everything comes from the environment: "
-        "MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, SPANTRAIN_PLAN (plan.json), and "
-        "optionally SPANTRAIN_TRAINING (training block or SpanTrainJob manifest), SPANTRAIN_JOB, "
-        "SPANTRAIN_CHECKPOINT_DIR, SPANTRAIN_METRICS_PORT (default 9400), "
-        "SPANTRAIN_RENDEZVOUS_TIMEOUT (seconds, default 300), SPANTRAIN_DEVICE (auto|cpu|cuda).",
+        f"MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, {contract.PLAN} (plan.json), and "
+        f"optionally {contract.TRAINING} (training block or SpanTrainJob manifest), "
+        f"{contract.JOB}, {contract.CHECKPOINT_DIR}, {contract.METRICS_PORT} (default "
+        f"{contract.WORKER_METRICS_PORT}), {contract.RENDEZVOUS_TIMEOUT} (seconds, default "
+        f"{contract.RENDEZVOUS_TIMEOUT_SECONDS:g}), {contract.DEVICE} (auto|cpu|cuda).",
     )
     parser.set_defaults(func=_run_worker)
 

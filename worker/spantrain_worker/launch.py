@@ -2,10 +2,10 @@
 
 Role: the process side of ``spantrain local``, the tests and the benchmark. Workers get the
 same environment the operator gives pods (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``,
-``RANK``, ``WORLD_SIZE``, ``SPANTRAIN_*``). All workers share ONE new process group (the first
-worker leads it), so ``stop()`` ends every one of them with a single ``killpg`` — Ctrl-C in
-the terminal reaches only the launcher, which then stops the group; each worker also asks the
-kernel to SIGTERM it if the launcher dies (``PR_SET_PDEATHSIG``), so nothing is orphaned.
+``RANK``, ``WORLD_SIZE``, ``contract.WorkerEnv``). All workers share ONE new process group (the
+first worker leads it), so ``stop()`` ends every one of them with a single ``killpg`` — Ctrl-C
+in the terminal reaches only the launcher, which then stops the group; each worker also asks
+the kernel to SIGTERM it if the launcher dies (``PR_SET_PDEATHSIG``), so nothing is orphaned.
 If one worker fails, the others would block in a collective until a timeout, so ``wait()``
 stops the group as soon as any worker exits non-zero. ``spawn`` lets a caller start each rank
 some other way (``spantrain local --emulate`` starts it inside its device's network namespace
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from spantrain_planner.contract import WorkerEnv, rendezvous_env
 
 PR_SET_PDEATHSIG = 1
 
@@ -115,25 +117,18 @@ def start(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port() if master_port is None else master_port
+    worker = WorkerEnv(
+        plan_path=str(plan_path), training_path=str(training_path) if training_path else None,
+        job=job, output_dir=str(out), metrics_port=0, num_threads=1, device="cpu",
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        emulation_path=str(emulation_path) if emulation_path else None,
+    )
     base = dict(os.environ)
     base.update({
-        "MASTER_ADDR": master_addr,
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(world_size),
-        "SPANTRAIN_PLAN": str(plan_path),
-        "SPANTRAIN_JOB": job,
-        "SPANTRAIN_OUTPUT_DIR": str(out),
-        "SPANTRAIN_METRICS_PORT": "0",
-        "SPANTRAIN_NUM_THREADS": "1",
-        "SPANTRAIN_DEVICE": "cpu",
+        **rendezvous_env(master_addr, port, world_size, 0), **worker.to_env(),
         "OMP_NUM_THREADS": "1",
     })
-    if training_path:
-        base["SPANTRAIN_TRAINING"] = str(training_path)
-    if checkpoint_dir:
-        base["SPANTRAIN_CHECKPOINT_DIR"] = str(checkpoint_dir)
-    if emulation_path:
-        base["SPANTRAIN_EMULATION"] = str(emulation_path)
+    del base["RANK"]
     base.update(extra_env or {})
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []

@@ -1,7 +1,7 @@
 """Worker metrics (Prometheus), structured logs and the measured action timeline.
 
 Role: make a running worker observable. ``WorkerMetrics`` owns one Prometheus registry per
-process and serves it on ``SPANTRAIN_METRICS_PORT``:
+process and serves it on ``WorkerEnv.metrics_port``:
 
   spantrain_worker_step_seconds            histogram of training-step wall time
   spantrain_worker_samples_total           samples of the global batch this rank computed

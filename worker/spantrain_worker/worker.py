@@ -4,7 +4,7 @@ Role: the pod entrypoint (``spantrain worker`` and ``python -m spantrain_worker.
 what ``spantrain local`` starts once per emulated device. Reads the environment contract
 (``config``), meets the other ranks (``comm.rendezvous``), builds its ``StageTrainer``, resumes
 from the newest checkpoint, trains, logs, exports metrics, checkpoints, and writes its
-artefacts (losses, timeline, optional gradient dumps for tests) to ``SPANTRAIN_OUTPUT_DIR``.
+artefacts (losses, timeline, optional gradient dumps for tests) to ``WorkerEnv.output_dir``.
 
 Must not import kopf, the Kubernetes client or ``spantrain_operator``.
 """
@@ -33,8 +33,7 @@ from .metrics import WorkerMetrics, log_event, make_logger
 from .runtime import StageTrainer, stage_role
 
 
-def _timeline_steps(env: dict[str, str], first: int, steps: int) -> set[int]:
-    raw = env.get("SPANTRAIN_TIMELINE_STEPS")
+def _timeline_steps(raw: str | None, first: int, steps: int) -> set[int]:
     if raw:
         return {int(x) for x in raw.split(",") if x.strip()}
     return {max(first, steps - 2)}
@@ -42,9 +41,9 @@ def _timeline_steps(env: dict[str, str], first: int, steps: int) -> set[int]:
 
 def run(env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
-    if "SPANTRAIN_NUM_THREADS" in env:
-        torch.set_num_threads(int(env["SPANTRAIN_NUM_THREADS"]))
     wenv = WorkerEnv.from_env(env)
+    if wenv.num_threads is not None:
+        torch.set_num_threads(wenv.num_threads)
     renv = RendezvousEnv.from_env(env)
     plan = load_plan(wenv.plan_path)
     cfg = load_training(wenv.training_path)
@@ -54,7 +53,7 @@ def run(env: dict[str, str] | None = None) -> int:
         log_event(log, "error", reason="world size differs from the plan",
                   plan=plan.world_size, env=renv.world_size)
         return 2
-    device, backend = device_and_backend(env)
+    device, backend = device_and_backend(wenv.device)
     names = {d.rank: f"{d.device_id} on {d.node}" for st in plan.stages for d in st.devices}
     try:
         store = meet(renv, plan, names)
@@ -78,10 +77,10 @@ def run(env: dict[str, str] | None = None) -> int:
     out = Path(wenv.output_dir) if wenv.output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    dump_step = env.get("SPANTRAIN_DUMP_GRADS_STEP")
+    dump_step = wenv.dump_grads_step
     if dump_step is not None and out is not None:
         def dump(step: int, grads: dict[str, torch.Tensor]) -> None:
-            if step == int(dump_step):
+            if step == dump_step:
                 torch.save(grads, out / f"grads-step{step}-stage{role.stage_index}.pt")
         trainer.grad_hook = dump
     resumed = trainer.restore()
@@ -92,7 +91,7 @@ def run(env: dict[str, str] | None = None) -> int:
                     if d.rank == renv.rank),
     )
     rank_samples = role.num_rows * plan.num_microbatches
-    trainer.record_steps = _timeline_steps(env, trainer.start_step, cfg.steps)
+    trainer.record_steps = _timeline_steps(wenv.timeline_steps, trainer.start_step, cfg.steps)
     log_event(log, "start", world=plan.world_size, backend=backend, device=str(device),
               layers=f"{role.layer_start}-{role.layer_end - 1}",
               rows=f"{role.row_start}-{role.row_end - 1}", schedule=plan.schedule,

@@ -1,0 +1,29 @@
+"""One job's plan, computed in a planner process (``planqueue``).
+
+Role: the function the operator's planner processes run: the job's model and options
+(``api.planner_inputs``) on the cluster its inventory built, within a time budget. Its
+arguments and results are plain pydantic models and pickle; its errors are the planner's
+(``PlanningError`` and subclasses), which pickle too.
+
+Must not import kopf, the Kubernetes client, torch, spantrain_worker or the operator's other
+modules (each planner process imports only the planner).
+"""
+
+from __future__ import annotations
+
+import time
+
+from spantrain_planner import api
+from spantrain_planner.cluster import ClusterSpec, resolve
+from spantrain_planner.plan import Plan
+from spantrain_planner.search import make_plan
+
+
+def plan_job(
+    spec: api.SpanTrainJobSpec, cluster: ClusterSpec, budget_seconds: float
+) -> tuple[Plan, float]:
+    """The job's plan and the seconds it took to compute."""
+    started = time.monotonic()
+    inputs = api.planner_inputs(spec)
+    plan = make_plan(resolve(cluster), inputs.profile, inputs.options, time_budget=budget_seconds)
+    return plan, time.monotonic() - started
