@@ -57,7 +57,7 @@ COPY pyproject.toml README.md /tmp/src/
 COPY planner /tmp/src/planner
 COPY worker /tmp/src/worker
 COPY operator /tmp/src/operator
-COPY bench/testbed /tmp/src/bench/testbed
+COPY testbed /tmp/src/testbed
 RUN /opt/spantrain/bin/pip install --no-cache-dir --no-deps /tmp/src \
  && rm -rf /tmp/src \
  && /opt/spantrain/bin/pip check

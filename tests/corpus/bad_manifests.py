@@ -7,8 +7,8 @@ that breaks a CEL rule, that rule's message). Accepted cases must also plan: an 
 manifest that the operator could not plan or turn into pods would hang.
 
 Read by ``tests/unit/test_bad_manifests.py`` (pydantic, as ``spantrain local`` validates) and
-``tests/operator/test_bad_manifests.py`` (the real kube-apiserver, dry-run creation). Pure data:
-imports PyYAML and the pure API module only.
+``tests/kube_operator/test_bad_manifests.py`` (the real kube-apiserver, dry-run creation). Pure
+data: imports PyYAML and the pure API module only.
 """
 
 from __future__ import annotations

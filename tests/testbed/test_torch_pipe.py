@@ -32,7 +32,7 @@ pytest.importorskip("torch")
 try:  # the testbed as an installed package, else from the checkout
     from spantrain_testbed import Testbed
 except ImportError:
-    from bench.testbed import Testbed
+    from spantrain_testbed import Testbed
 
 from bench.torch_pipe import rank_commands, read_losses, resolve_model  # noqa: E402
 

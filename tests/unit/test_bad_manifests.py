@@ -1,7 +1,7 @@
 """The bad-manifest corpus against pydantic (what ``spantrain local`` and the operator use).
 
 Every case must get the verdict the corpus gives, a rejection must name the case's field path
-(Kubernetes style, as the API server does: ``tests/operator/test_bad_manifests.py`` sends the
+(Kubernetes style, as the API server does: ``tests/kube_operator/test_bad_manifests.py`` sends the
 same corpus there), and every CEL rule of the generated CRD must have a pydantic mirror that a
 case exercises. Needs pydantic and PyYAML only (no Kubernetes client, kopf or torch).
 """

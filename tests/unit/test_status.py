@@ -314,6 +314,7 @@ def test_worker_report_from_a_page() -> None:
 
 
 def test_worker_report_reads_the_workers_real_metrics() -> None:
+    pytest.importorskip("prometheus_client")  # the worker's extra
     from prometheus_client import generate_latest
 
     from spantrain_worker.metrics import StepStats, WorkerMetrics

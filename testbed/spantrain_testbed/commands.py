@@ -4,7 +4,7 @@ Role: thin argparse front for ``spantrain_testbed.testbed``; prints what it did.
 the instance in place (persistent) until ``down``; ``run`` starts a command on one device of a
 live instance, or with ``--cluster`` brings a temporary one up around the command. Registered
 as the ``testbed`` subcommand of ``spantrain`` (entry-point group ``spantrain.commands``);
-``python -m spantrain_testbed`` (or ``python -m bench.testbed`` in a checkout) is the same.
+``python -m spantrain_testbed`` is the same.
 
 Must not import torch, ``spantrain_worker`` or ``spantrain_operator``.
 """

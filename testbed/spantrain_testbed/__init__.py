@@ -4,7 +4,7 @@ Role: turn a cluster description in the planner's format (``spantrain_planner.cl
 kernel objects — one network namespace per device joined by Linux bridges, token-bucket
 bandwidth limits (``tc`` ``htb``/``tbf``) per ordered node pair, cgroup v1 CPU quotas per
 device — start processes inside them, and remove everything afterwards (also after a crash).
-Installed as ``spantrain_testbed`` from ``bench/testbed``; used by ``spantrain testbed``,
+The ``spantrain_testbed`` package (``testbed/spantrain_testbed``); used by ``spantrain testbed``,
 ``spantrain local --emulate``, ``tests/testbed`` and ``bench/cee.py``.
 
 Only bandwidth and compute are enforced. Link *latency* is not emulated: that needs the

@@ -1,6 +1,6 @@
 """Helpers shared by the operator's integration tests (API shortcuts, the CEE testbed nodes).
 
-Imported by ``conftest.py`` and the test modules of ``tests/operator`` (a plain module on the
+Imported by ``conftest.py`` and the test modules of ``tests/kube_operator`` (a plain module on the
 test path, so the directory needs no ``__init__.py``; ``operator`` would shadow the stdlib).
 """
 

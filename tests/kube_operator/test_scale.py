@@ -21,7 +21,7 @@ from kubernetes import client as k8s_client
 from prometheus_client import REGISTRY
 from stj_helpers import GROUP, PLURAL, VERSION, create_job, job_manifest, operator_args, wait_for
 
-# part of the default run; alone: scripts/test tests/operator/test_scale.py -s
+# part of the default run; alone: scripts/test tests/kube_operator/test_scale.py -s
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.scale]
 
 NUM_JOBS = 50
