@@ -19,6 +19,7 @@ structural and declares only SpanTrain's fields). Run with ``spantrain operator`
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -150,6 +151,8 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 def reconcile_timer(
     name: str | None, namespace: str | None, uid: str | None, logger: kopf.Logger, **kwargs: Any
 ) -> None:
+    if uid and _planner.busy(uid):
+        return  # its plan is being computed: the plan's completion reconciles it (when_done)
     _dispatch(namespace, name, uid, logger, kwargs)
 
 
@@ -311,7 +314,12 @@ def _run(
         else:
             if new_plan is None:
                 metrics.PLANS_QUEUED.set(_planner.queued())
-                return  # queued behind other jobs' plans; the timer comes back
+                # queued or running: reconcile again as soon as the plan is done (the timer
+                # comes back too, in case this process restarts)
+                _planner.when_done(uid, functools.partial(
+                    _followups.submit, run, namespace, name, uid, pods_index, nodes_index,
+                    logger))
+                return
             metrics.PLANS_QUEUED.set(_planner.queued())
             metrics.planned(namespace, name, reason)
             plan = new_plan
@@ -398,6 +406,8 @@ def _fallback_spec() -> api.SpanTrainJobSpec:
 CHILD_TRIES = 3
 #: creates one job's pods concurrently (the API client's pool is ``Settings.workers`` wide)
 _creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spantrain-create")
+#: reconciles a job whose plan just finished (``PlanQueue.when_done``)
+_followups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spantrain-planned")
 _refusals: dict[str, tuple[int, float]] = {}  # job uid -> (refusals in a row, retry after)
 
 

@@ -37,6 +37,7 @@ class PlanQueue(Generic[T]):
         self._threads = threads
         self._pool: Executor | None = None
         self._pending: dict[str, tuple[Hashable, Future[T]]] = {}
+        self._watched: set[Future[T]] = set()
         self._lock = threading.Lock()
 
     def _executor(self) -> Executor:
@@ -86,6 +87,27 @@ class PlanQueue(Generic[T]):
         """Requests not finished yet."""
         with self._lock:
             return sum(1 for _, f in self._pending.values() if not f.done())
+
+    def busy(self, job: str) -> bool:
+        """Whether ``job`` has a request that is queued or running."""
+        with self._lock:
+            pending = self._pending.get(job)
+        return pending is not None and not pending[1].done()
+
+    def when_done(self, job: str, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (in a pool thread) once ``job``'s pending request is done, so
+        its result is taken at once rather than at the job's next timer tick."""
+        with self._lock:
+            pending = self._pending.get(job)
+            if pending is None or pending[1] in self._watched:
+                return  # nothing pending, or already watched (once per request)
+            self._watched.add(pending[1])
+
+        def done(future: Future[T]) -> None:
+            self._watched.discard(future)
+            callback()
+
+        pending[1].add_done_callback(done)
 
     def forget(self, job: str) -> None:
         with self._lock:

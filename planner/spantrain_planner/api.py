@@ -49,7 +49,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from . import contract
 from .cluster import load_document
 from .errors import InputError
-from .options import PlannerOptions
+from .options import PlannerOptions, ScheduleChoice
 from .profiles import ModelProfile, build_profile, preset, preset_names
 
 GROUP = "spantrain.io"
@@ -681,7 +681,7 @@ def _option(name: str) -> Any:
 class PlannerSpec(_Spec):
     """Planner knobs (the same as `spantrain plan`'s); the global batch is training.globalBatch."""
 
-    schedule: Literal["auto", "gpipe", "1f1b", "zb"] = _option("schedule")
+    schedule: ScheduleChoice = _option("schedule")
     num_microbatches: int | None = _option("num_microbatches")
     network_cut_ratio: float = _option("network_cut_ratio")
     compute_tolerance: float = _option("compute_tolerance")

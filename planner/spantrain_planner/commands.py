@@ -15,7 +15,7 @@ from typing import Any
 
 from .baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
 from .cluster import load_cluster, resolve
-from .options import PlannerOptions
+from .options import SCHEDULE_CHOICES, PlannerOptions
 from .plan import Plan
 from .profiles import get_profile, preset_names
 from .report import baseline_table, plan_table
@@ -43,7 +43,7 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=32, help="global batch (default 32)")
     p.add_argument(
         "--schedule",
-        choices=["auto", "gpipe", "1f1b", "zb"],
+        choices=SCHEDULE_CHOICES,
         default="auto",
         help="pipeline schedule (default auto: the fastest)",
     )

@@ -51,9 +51,7 @@ def exhaustive_plan(
     assert topology.num_devices <= 5 and profile.num_layers <= 12, "exhaustive is exponential"
     sums = ProfileSums(profile)
     num_layers = profile.num_layers
-    schedules: list[Schedule] = (
-        ["gpipe", "1f1b", "zb"] if options.schedule == "auto" else [options.schedule]
-    )
+    schedules: list[Schedule] = options.schedules()
     best: tuple[float, Plan, SimResult] | None = None
     all_devices = tuple(range(topology.num_devices))
     for used in range(1, topology.num_devices + 1):

@@ -5,12 +5,16 @@ Role: one typed place for every choice a user can make about planning. Pure pyda
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-ScheduleChoice = Literal["auto", "gpipe", "1f1b", "zb"]
+#: The pipeline schedules (``schedules``), and what a user may ask for: one of them or auto.
+Schedule = Literal["gpipe", "1f1b", "zb"]
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
+ScheduleChoice = Literal["auto", Schedule]
+SCHEDULE_CHOICES: tuple[str, ...] = ("auto", *SCHEDULES)
 
 
 class PlannerOptions(BaseModel):
@@ -50,3 +54,7 @@ class PlannerOptions(BaseModel):
     max_stages: int | None = Field(
         None, ge=1, le=4096, description="Upper bound on pipeline stages."
     )
+
+    def schedules(self) -> list[Schedule]:
+        """The schedules to try: the one asked for, or every one for auto."""
+        return list(SCHEDULES) if self.schedule == "auto" else [self.schedule]

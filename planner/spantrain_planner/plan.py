@@ -29,9 +29,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from .options import SCHEDULES, Schedule
+
+__all__ = ["SCHEDULES", "Schedule"]  # re-exported: plans name their schedule
+
 API_VERSION = "spantrain.io/v1alpha1"
-Schedule = Literal["gpipe", "1f1b", "zb"]
-SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b", "zb")
 _ACTION = re.compile(r"^(F|B|W|BW)(\d+)$")
 
 

@@ -947,9 +947,7 @@ def _score(searcher: _Searcher, groups: Sequence[NetworkGroup]) -> tuple[Plan, S
     topology, profile, options, cost = (
         searcher.topology, searcher.profile, searcher.options, searcher.cost
     )
-    schedules: list[Schedule] = (
-        ["gpipe", "1f1b", "zb"] if options.schedule == "auto" else [options.schedule]
-    )
+    schedules: list[Schedule] = options.schedules()
     best: tuple[tuple[object, ...], Plan, SimResult, Candidate] | None = None
     worst_violation: tuple[str, int, int] | None = None
 

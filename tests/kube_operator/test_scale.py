@@ -69,20 +69,25 @@ class KubeletStandIn:
                 self._once()
 
     def _once(self) -> None:
+        pods = json.loads(self.core.list_namespaced_pod(self.ns, resource_version="0",
+                                                        _preload_content=False).data)["items"]
+        stuck = []
+        for pod in pods:
+            st = pod.get("status") or {}
+            conds = {c["type"]: c for c in st.get("conditions") or []}
+            if (st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
+                    and conds.get("Ready", {}).get("status") == "False"
+                    and conds.get("ContainersReady", {}).get("status") == "True"):
+                stuck.append((pod, conds))
+        if not stuck:
+            return  # the 500 nodes are read only when some pod needs them
         nodes = json.loads(self.core.list_node(resource_version="0",
                                                _preload_content=False).data)["items"]
         ready = {n["metadata"]["name"] for n in nodes
                  if any(c["type"] == "Ready" and c["status"] == "True"
                         for c in n["status"].get("conditions") or [])}
-        pods = json.loads(self.core.list_namespaced_pod(self.ns, resource_version="0",
-                                                        _preload_content=False).data)["items"]
-        for pod in pods:
-            st = pod.get("status") or {}
-            conds = {c["type"]: c for c in st.get("conditions") or []}
-            if (st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
-                    and pod["spec"].get("nodeName") in ready
-                    and conds.get("Ready", {}).get("status") == "False"
-                    and conds.get("ContainersReady", {}).get("status") == "True"):
+        for pod, conds in stuck:
+            if pod["spec"].get("nodeName") in ready:
                 fixed = [{**c, "status": "True"} if c["type"] == "Ready" else c
                          for c in conds.values()]
                 self.core.patch_namespaced_pod_status(

@@ -420,6 +420,17 @@ def test_plan_queue_is_first_come_first_served_and_keyed() -> None:
         built.append(1)
         return ("e",)
 
+    called = threading.Event()
+    calls: list[int] = []
+    gate.clear()
+    assert q.result("f", 1, compute, lambda: ("f",)) is None
+    for _ in range(3):  # asked on every timer tick: the callback is registered once
+        q.when_done("f", lambda: (calls.append(1), called.set()))
+    gate.set()
+    assert called.wait(5)
+    time.sleep(0.1)
+    assert calls == [1]
+
     while q.result("e", 1, compute, args, wait_seconds=0.01) is None:
         pass
     assert built == [1]
