@@ -42,9 +42,9 @@ from pydantic.alias_generators import to_snake
 from spantrain_planner import contract
 from spantrain_planner.assemble import model_ref
 from spantrain_planner.cluster import load_document
+from spantrain_planner.partition import even_shares
 from spantrain_planner.plan import ModelRef
 from spantrain_planner.profiles import build_profile, preset
-from spantrain_planner.search import even_shares
 from spantrain_worker.config import TrainingConfig, load_training
 
 #: A model as the benchmarks name it: a preset ("gpt-mini"), a ``ModelRef`` (a plan's

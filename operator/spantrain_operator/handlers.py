@@ -1,16 +1,18 @@
 """kopf handlers of the SpanTrain operator: thin glue over ``reconcile``, ``render``, ``k8s``.
 
-Role: keep two in-memory indexes (the jobs' pods by job, the nodes by name) and run one
-level-based reconcile per job — from a timer (every ``Settings.reconcile_interval`` seconds,
-which also covers resume after an operator restart) and right away on create, resume and
-spec update. Each reconcile reads the job fresh, decides with the pure ``reconcile.decide``,
-plans when told to (inventory -> planner, queued one job at a time by ``planqueue``: a job
-whose plan is not ready yet returns and is looked at again next tick), then applies: plan
-ConfigMap, status, deletions (each with the grace period ``reconcile`` chose), creations
-(deterministic names: no duplicates), events. A pass that re-plans or restarts goes on to
-the next attempt's pods at once rather than a timer tick later. Runs are serialised per job.
-While a job is Running, its rank 0's metrics are read (``scrape``, rate-limited and silent
-when nothing answers) into ``status.progress``.
+Role: keep two in-memory indexes (the jobs' pods by job, the nodes by name) and run one level-
+based reconcile per job — from a timer (every ``Settings.reconcile_interval`` seconds, which
+also covers resume after an operator restart) and right away on create, resume and spec update.
+Each reconcile reads the job fresh, decides with the pure ``reconcile.decide``, plans when told
+to (inventory here, then the planner in one of ``planqueue``'s planner processes: a job whose
+plan is not ready yet returns, skips its timer ticks while the plan is computed, and is
+reconciled again the moment the plan is done), then applies: plan ConfigMap, status, deletions
+(each with the grace period ``reconcile`` chose), creations (deterministic names: no
+duplicates; one job's pods at once), events. A child the API server refuses fails the job
+(``InvalidSpec``) after a few backed-off tries. A pass that re-plans or restarts goes on to the
+next attempt's pods at once rather than a timer tick later. Runs are serialised per job. While
+a job is Running, its rank 0's metrics are read (``scrape``, rate-limited and silent when
+nothing answers) into ``status.progress``.
 
 kopf stores its own bookkeeping in annotations under ``spantrain.io`` (the status schema is
 structural and declares only SpanTrain's fields). Run with ``spantrain operator`` or
@@ -33,6 +35,7 @@ import kopf
 from pydantic import ValidationError
 
 from spantrain_planner import api
+from spantrain_planner.api import Reason
 from spantrain_planner.cluster import ClusterSpec
 from spantrain_planner.contract import PLAN_FILE
 from spantrain_planner.errors import InputError, PlanningError, PlanTimeoutError
@@ -230,14 +233,6 @@ def eligible_cluster(
     return inv.cluster
 
 
-def make_plan(
-    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
-) -> Plan:
-    """Inventory -> planner, in this process (raises PlanningError subclasses)."""
-    cluster = eligible_cluster(spec, nodes, name=name, exclude=exclude)
-    return planning.plan_job(spec, cluster, SETTINGS.plan_budget_seconds)[0]
-
-
 def _forget(namespace: str, name: str, uid: str) -> None:
     metrics.forget_job(namespace, name, uid)
     _scraper.forget(uid)
@@ -278,7 +273,8 @@ def _run(
     except ValidationError as err:
         state = reconcile.JobState(job, generation, _fallback_spec(), old_status, None, pods,
                                    nodes, now, DEFAULT_IMAGE)
-        _apply(body, old_status, reconcile.plan_failed(state, "InvalidSpec", str(err)), logger)
+        invalid = reconcile.plan_failed(state, Reason.INVALID_SPEC, str(err))
+        _apply(body, old_status, invalid, logger)
         return
     plan = _load_plan(namespace, old_status)
     if plan is not None:
@@ -304,13 +300,13 @@ def _run(
                 metrics.PLAN_SECONDS.observe(done[1])
             new_plan = done[0] if done is not None else None
         except PlanTimeoutError as err:
-            decision = reconcile.plan_failed(state, "PlanTimeout", str(err))
+            decision = reconcile.plan_failed(state, Reason.PLAN_TIMEOUT, str(err))
         except InputError as err:
-            decision = reconcile.plan_failed(state, "InvalidSpec", str(err))
+            decision = reconcile.plan_failed(state, Reason.INVALID_SPEC, str(err))
         except NoEligibleNodes as err:
             decision = reconcile.waiting_for_nodes(state, str(err))
         except PlanningError as err:
-            decision = reconcile.plan_failed(state, "PlanInfeasible", str(err))
+            decision = reconcile.plan_failed(state, Reason.PLAN_INFEASIBLE, str(err))
         else:
             if new_plan is None:
                 metrics.PLANS_QUEUED.set(_planner.queued())
@@ -375,7 +371,7 @@ def _refused(
     _refusals.pop(uid, None)
     message = (f"{err}; the job's spec renders an object the cluster does not accept: fix the "
                "field the message names and apply the job again")
-    failed = reconcile.plan_failed(replace(state, status=d.status), "InvalidSpec", message)
+    failed = reconcile.plan_failed(replace(state, status=d.status), Reason.INVALID_SPEC, message)
     _apply(body, d.status, failed, logger)
 
 
@@ -438,7 +434,7 @@ def _apply(
     created = [p["metadata"]["name"] for p, new in zip(pods, done, strict=True) if new]
     _refusals.pop(meta.get("uid", ""), None)
     if created:
-        d.events.append(("Normal", "StagePodCreated",
+        d.events.append(("Normal", Reason.STAGE_POD_CREATED,
                          f"created {len(created)} worker pod(s): {', '.join(created[:8])}"
                          + (" ..." if len(created) > 8 else "")))
     for kind, reason, message in d.events:

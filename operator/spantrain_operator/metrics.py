@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from spantrain_planner.api import PHASES
+from spantrain_planner.api import PHASES, Reason
 
 RECONCILE_SECONDS = Histogram(
     "spantrain_operator_reconcile_duration_seconds",
@@ -36,7 +36,7 @@ RESTARTS = Counter(
     "spantrain_operator_restarts_total", "Job restarts after worker failures.", JOB_LABELS
 )
 #: Why a job is planned again (reconcile's ``Decision.replan``; ``Initial`` is not a re-plan).
-REPLAN_REASONS = ("NodeLost", "SpecChanged", "PlanLost")
+REPLAN_REASONS = (Reason.NODE_LOST, Reason.SPEC_CHANGED, Reason.PLAN_LOST)
 REPLANS = Counter(
     "spantrain_operator_replans_total",
     "Re-plans of a job (lost nodes, spec changes, a lost plan ConfigMap); not the first plan.",
@@ -92,7 +92,7 @@ def observe_plan(
 
 def planned(namespace: str, name: str, reason: str) -> None:
     """Count a plan computed for ``reason`` (the first plan, ``Initial``, is no re-plan)."""
-    if reason != "Initial":
+    if reason != Reason.INITIAL:
         REPLANS.labels(namespace, name, reason).inc()
 
 
@@ -106,7 +106,7 @@ def forget_job(namespace: str, name: str, uid: str) -> None:
     for metric in (PREDICTED_SAMPLES, PREDICTED_STEP_SECONDS, RESTARTS):
         with contextlib.suppress(KeyError):
             metric.remove(namespace, name)
-    for reason in {*REPLAN_REASONS, "Initial"}:
+    for reason in {*REPLAN_REASONS, Reason.INITIAL}:
         with contextlib.suppress(KeyError):
             REPLANS.remove(namespace, name, reason)
 

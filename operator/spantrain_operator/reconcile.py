@@ -42,12 +42,15 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 from spantrain_planner import api
+from spantrain_planner.api import JobCondition as Cond
+from spantrain_planner.api import JobPhase as Phase
+from spantrain_planner.api import Reason
 from spantrain_planner.plan import Plan
 
 from . import inventory, render, status
 from .status import WorkerReport
 
-TERMINAL = ("Succeeded", "Failed")
+TERMINAL = api.TERMINAL_PHASES
 
 #: Grace period of a deletion: ``GRACEFUL`` (None) is the operator's configured period,
 #: ``AT_ONCE`` (0) removes the pod without waiting for its processes.
@@ -133,17 +136,33 @@ def _cleanup(s: JobState, *, dead: bool) -> Deletions:
 
 
 def _finish(s: JobState, st: dict[str, Any], d: Decision, ok: bool, reason: str, msg: str) -> None:
-    phase = "Succeeded" if ok else "Failed"
+    phase = Phase.SUCCEEDED if ok else Phase.FAILED
     _set_phase(st, phase, reason, msg)
-    _cond(st, s, phase, True, reason, msg)
-    _cond(st, s, "Running", False, reason, msg)
+    _cond(st, s, Cond(phase), True, reason, msg)
+    _cond(st, s, Cond.RUNNING, False, reason, msg)
     st["completionTime"] = status.iso(s.now)
     d.events.append(("Normal" if ok else "Warning", reason, msg))
     d.finished = phase
 
 
+@dataclass
+class _Pass:
+    """One ``decide`` call's working state, handed from step to step."""
+
+    s: JobState
+    st: dict[str, Any]
+    d: Decision
+    phase: str
+    plan: Plan
+    attempt: int
+    obs: status.Observation
+    planned_nodes: list[str]
+    lost: dict[str, str] = field(default_factory=dict)
+
+
 def decide(s: JobState) -> Decision:
-    """The next step for a job (see the module docstring)."""
+    """The next step for a job (see the module docstring): each step below either ends the
+    pass with its decision or hands over to the next."""
     st: dict[str, Any] = copy.deepcopy(dict(s.status))
     st.setdefault("attempt", 0)
     st.setdefault("restarts", 0)
@@ -151,154 +170,188 @@ def decide(s: JobState) -> Decision:
     st.setdefault("conditions", [])
     st["observedGeneration"] = s.generation
     d = Decision(status=st)
-    phase = st.get("phase") or "Pending"
+    phase = st.get("phase") or Phase.PENDING
     st["phase"] = phase
 
     if phase in TERMINAL:
-        dead = phase == "Failed" and st.get("reason") != "DeadlineExceeded"
-        d.delete_pods = _cleanup(s, dead=dead)
-        ttl = s.spec.run_policy.ttl_seconds_after_finished
-        done = _parse(st.get("completionTime"))
-        if ttl is not None and done is not None and (s.now - done).total_seconds() >= ttl:
-            d.delete_job = True
+        _terminal(s, st, d, phase)
         return d
-
     plan_status = st.get("plan")
-    spec_hash = status.plan_spec_hash(s.spec)
     if plan_status is None or s.plan is None:
-        d.replan = "Initial" if plan_status is None else "PlanLost"
+        d.replan = Reason.INITIAL if plan_status is None else Reason.PLAN_LOST
         return d
-    if plan_status.get("specHash") != spec_hash:
-        d.replan = "SpecChanged"
+    if plan_status.get("specHash") != status.plan_spec_hash(s.spec):
+        d.replan = Reason.SPEC_CHANGED
         return d
-    plan = s.plan
-    attempt = int(st["attempt"])
-    digest = plan.digest()
-    obs = status.observe(s.pods, attempt=attempt, plan_hash=digest)
+    plan, attempt = s.plan, int(st["attempt"])
+    obs = status.observe(s.pods, attempt=attempt, plan_hash=plan.digest())
     d.delete_pods = deletions(obs.stale, dead=True)  # earlier attempts and plans
+    planned_nodes = sorted({dv.node for stg in plan.stages for dv in stg.devices})
+    p = _Pass(s, st, d, phase, plan, attempt, obs, planned_nodes)
+    for step in (_deadline, _suspend, _lost_nodes, _failures, _succeeded):
+        if step(p):
+            return d
+    _create_missing(p)
+    _observe(p)
+    return d
 
-    # deadline (counted from startTime, which suspension resets)
+
+def _terminal(s: JobState, st: dict[str, Any], d: Decision, phase: str) -> None:
+    """A finished job: its pods go, and the job itself after ``ttlSecondsAfterFinished``."""
+    dead = phase == Phase.FAILED and st.get("reason") != Reason.DEADLINE_EXCEEDED
+    d.delete_pods = _cleanup(s, dead=dead)
+    ttl = s.spec.run_policy.ttl_seconds_after_finished
+    done = _parse(st.get("completionTime"))
+    if ttl is not None and done is not None and (s.now - done).total_seconds() >= ttl:
+        d.delete_job = True
+
+
+def _deadline(p: _Pass) -> bool:
+    """The deadline, counted from startTime (which suspension resets)."""
+    s, st, d = p.s, p.st, p.d
     deadline = s.spec.run_policy.active_deadline_seconds
     started = _parse(st.get("startTime"))
-    if (
-        deadline is not None
-        and started is not None
-        and (s.now - started).total_seconds() >= deadline
-    ):
-        _finish(s, st, d, False, "DeadlineExceeded",
-                f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline} s)")
-        d.delete_pods = {**_cleanup(s, dead=False), **d.delete_pods}
-        return d
+    if deadline is None or started is None or (s.now - started).total_seconds() < deadline:
+        return False
+    _finish(s, st, d, False, Reason.DEADLINE_EXCEEDED,
+            f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline} s)")
+    d.delete_pods = {**_cleanup(s, dead=False), **d.delete_pods}
+    return True
 
-    # suspend: delete every pod, keep the plan
+
+def _suspend(p: _Pass) -> bool:
+    """Suspended: every pod goes, the plan is kept. Resumed: the workers come back."""
+    s, st, d, plan = p.s, p.st, p.d, p.plan
     if s.spec.suspend:
-        d.delete_pods = {
-            **deletions(obs.current.values(), dead=False), **d.delete_pods
-        }
-        if phase != "Suspended":
-            d.events.append(("Normal", "Suspended", "spec.suspend is true: workers deleted"))
-        _set_phase(st, "Suspended", "Suspended", "spec.suspend is true; the plan is kept")
-        _cond(st, s, "Suspended", True, "Suspended", "spec.suspend is true")
-        _cond(st, s, "Running", False, "Suspended", "spec.suspend is true")
+        d.delete_pods = {**deletions(p.obs.current.values(), dead=False), **d.delete_pods}
+        if p.phase != Phase.SUSPENDED:
+            d.events.append(("Normal", Reason.SUSPENDED, "spec.suspend is true: workers deleted"))
+        _set_phase(st, Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; the plan is kept")
+        _cond(st, s, Cond.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
+        _cond(st, s, Cond.RUNNING, False, Reason.SUSPENDED, "spec.suspend is true")
         st.pop("startTime", None)
         st["ready"] = f"0/{plan.world_size}"
         st["stages"] = status.stage_statuses(plan, status.observe([], attempt=0, plan_hash=None))
-        return d
-    if status.is_true(st["conditions"], "Suspended"):
-        _cond(st, s, "Suspended", False, "Resumed", "spec.suspend is false")
-        d.events.append(("Normal", "Resumed", "spec.suspend is false: recreating workers"))
-        phase = "Planned"
-        _set_phase(st, phase, "Resumed", "recreating workers")
+        return True
+    if status.is_true(st["conditions"], Cond.SUSPENDED):
+        _cond(st, s, Cond.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
+        d.events.append(("Normal", Reason.RESUMED, "spec.suspend is false: recreating workers"))
+        p.phase = Phase.PLANNED
+        _set_phase(st, p.phase, Reason.RESUMED, "recreating workers")
+    return False
 
-    # lost nodes
-    planned_nodes = sorted({dv.node for stg in plan.stages for dv in stg.devices})
+
+def _lost_nodes(p: _Pass) -> bool:
+    """Planned nodes gone for longer than the grace period: re-plan without them (or let the
+    failure path restart the job when re-planning is off)."""
+    s, st, d = p.s, p.st, p.d
     grace = s.spec.failure_policy.node_lost_grace_period_seconds
-    lost = inventory.lost_nodes(planned_nodes, s.nodes, grace_seconds=grace, now=s.now)
-    if lost:
-        detail = ", ".join(f"{n} ({why})" for n, why in sorted(lost.items()))
-        d.events.append(("Warning", "NodeLost", f"planned node(s) lost: {detail}"))
-        _cond(st, s, "Degraded", True, "NodeLost", f"lost: {detail}")
-        if s.spec.failure_policy.replan_on_node_loss:
-            d.replan = "NodeLost"
-            d.exclude_nodes = sorted(lost)
-            return d
-    not_ready = inventory.not_ready_nodes(planned_nodes, s.nodes)
+    p.lost = inventory.lost_nodes(p.planned_nodes, s.nodes, grace_seconds=grace, now=s.now)
+    if not p.lost:
+        return False
+    detail = ", ".join(f"{n} ({why})" for n, why in sorted(p.lost.items()))
+    d.events.append(("Warning", Reason.NODE_LOST, f"planned node(s) lost: {detail}"))
+    _cond(st, s, Cond.DEGRADED, True, Reason.NODE_LOST, f"lost: {detail}")
+    if s.spec.failure_policy.replan_on_node_loss:
+        d.replan = Reason.NODE_LOST
+        d.exclude_nodes = sorted(p.lost)
+        return True
+    return False
 
-    # failures of the current attempt restart the whole pipeline
+
+def _failures(p: _Pass) -> bool:
+    """A failed worker of the current attempt restarts the whole pipeline from its
+    checkpoint, up to ``maxRestarts``."""
+    s, st, d, obs, lost = p.s, p.st, p.d, p.obs, p.lost
     failed = obs.failed
-    if failed or (lost and not s.spec.failure_policy.replan_on_node_loss):
-        what = (
-            "; ".join(f"{p.name} (rank {p.rank}): {p.message or 'Failed'}" for p in failed)
-            or f"lost node(s) {', '.join(sorted(lost))}"
+    if not (failed or (lost and not s.spec.failure_policy.replan_on_node_loss)):
+        return False
+    what = (
+        "; ".join(f"{f.name} (rank {f.rank}): {f.message or 'Failed'}" for f in failed)
+        or f"lost node(s) {', '.join(sorted(lost))}"
+    )
+    for f in failed:
+        d.events.append(
+            ("Warning", Reason.STAGE_POD_FAILED, f"{f.name} (rank {f.rank}): {f.message}")
         )
-        for p in failed:
-            d.events.append(("Warning", "StagePodFailed", f"{p.name} (rank {p.rank}): {p.message}"))
-        limit = s.spec.failure_policy.max_restarts
-        if int(st["restarts"]) >= limit:
-            _finish(s, st, d, False, "MaxRestartsExceeded",
-                    f"{what}; failurePolicy.maxRestarts ({limit}) reached")
-            d.delete_pods = {**d.delete_pods, **_cleanup(s, dead=True)}
-            return d
-        st["restarts"] = int(st["restarts"]) + 1
-        st["attempt"] = attempt + 1
-        msg = (f"restart {st['restarts']}/{limit} from the last checkpoint after: {what}")
-        _set_phase(st, "Restarting", "Restarting", msg)
-        _cond(st, s, "Running", False, "Restarting", msg)
-        d.events.append(("Warning", "Restarting", msg))
-        d.delete_pods = deletions(obs.all, dead=True, lost_nodes=lost)
-        d.restarted = True
-        return d
-
-    # all workers finished
-    if obs.current and obs.num_succeeded() == plan.world_size:
-        _finish(s, st, d, True, "Succeeded", f"all {plan.world_size} workers succeeded")
+    limit = s.spec.failure_policy.max_restarts
+    if int(st["restarts"]) >= limit:
+        _finish(s, st, d, False, Reason.MAX_RESTARTS_EXCEEDED,
+                f"{what}; failurePolicy.maxRestarts ({limit}) reached")
         d.delete_pods = {**d.delete_pods, **_cleanup(s, dead=True)}
-        return d
+        return True
+    st["restarts"] = int(st["restarts"]) + 1
+    st["attempt"] = p.attempt + 1
+    msg = f"restart {st['restarts']}/{limit} from the last checkpoint after: {what}"
+    _set_phase(st, Phase.RESTARTING, Reason.RESTARTING, msg)
+    _cond(st, s, Cond.RUNNING, False, Reason.RESTARTING, msg)
+    d.events.append(("Warning", Reason.RESTARTING, msg))
+    d.delete_pods = deletions(obs.all, dead=True, lost_nodes=lost)
+    d.restarted = True
+    return True
 
-    # create what is missing
-    facts = {n: inventory.read_node(s.nodes[n]) for n in planned_nodes if n in s.nodes}
+
+def _succeeded(p: _Pass) -> bool:
+    """Every worker finished."""
+    if not (p.obs.current and p.obs.num_succeeded() == p.plan.world_size):
+        return False
+    _finish(p.s, p.st, p.d, True, Reason.SUCCEEDED,
+            f"all {p.plan.world_size} workers succeeded")
+    p.d.delete_pods = {**p.d.delete_pods, **_cleanup(p.s, dead=True)}
+    return True
+
+
+def _create_missing(p: _Pass) -> None:
+    """The pods (and their ConfigMap, Service, NetworkPolicy, PodGroup) that do not exist."""
+    s, st, d, plan, obs = p.s, p.st, p.d, p.plan, p.obs
+    facts = {n: inventory.read_node(s.nodes[n]) for n in p.planned_nodes if n in s.nodes}
     rank0 = obs.current.get(0)
     desired = render.worker_pods(
-        s.job, s.spec, plan, facts, attempt=attempt,
+        s.job, s.spec, plan, facts, attempt=p.attempt,
         rank0_pod_ip=rank0.pod_ip if rank0 else None, default_image=s.default_image,
     )
-    missing = [p for p in desired if int(p["metadata"]["labels"][render.L_RANK]) not in obs.current]
-    if missing:
-        cm = render.config_map(s.job, s.spec, plan)
-        d.create.append(cm)
-        d.create.append(render.service(s.job, s.spec))
-        if s.network_policy_scrapers is not None:
-            d.create.append(render.network_policy(s.job, s.spec, s.network_policy_scrapers))
-        group = render.pod_group(s.job, s.spec, plan, attempt)
-        if group is not None:
-            d.create.append(group)
-        d.create.extend(missing)
-        if "startTime" not in st:
-            st["startTime"] = status.iso(s.now)
+    missing = [q for q in desired if int(q["metadata"]["labels"][render.L_RANK]) not in obs.current]
+    if not missing:
+        return
+    d.create.append(render.config_map(s.job, s.spec, plan))
+    d.create.append(render.service(s.job, s.spec))
+    if s.network_policy_scrapers is not None:
+        d.create.append(render.network_policy(s.job, s.spec, s.network_policy_scrapers))
+    group = render.pod_group(s.job, s.spec, plan, p.attempt)
+    if group is not None:
+        d.create.append(group)
+    d.create.extend(missing)
+    if "startTime" not in st:
+        st["startTime"] = status.iso(s.now)
 
-    # status from what runs
+
+def _observe(p: _Pass) -> None:
+    """Status from what runs: readiness, stages, node health, progress, phase."""
+    s, st, d, plan, obs = p.s, p.st, p.d, p.plan, p.obs
+    not_ready = inventory.not_ready_nodes(p.planned_nodes, s.nodes)
+    grace = s.spec.failure_policy.node_lost_grace_period_seconds
     ready = obs.num_ready()
     st["ready"] = f"{ready}/{plan.world_size}"
     st["stages"] = status.stage_statuses(plan, obs)
     if not_ready:
-        _cond(st, s, "Degraded", True, "NodeNotReady",
+        _cond(st, s, Cond.DEGRADED, True, Reason.NODE_NOT_READY,
               f"node(s) not Ready (lost after {grace} s): {', '.join(not_ready)}")
-    elif status.get_condition(st["conditions"], "Degraded") is not None:
-        _cond(st, s, "Degraded", False, "NodesReady", "every planned node is Ready")
+    elif status.get_condition(st["conditions"], Cond.DEGRADED) is not None:
+        _cond(st, s, Cond.DEGRADED, False, Reason.NODES_READY, "every planned node is Ready")
     if s.report is not None and ready == plan.world_size:
         st["progress"] = status.progress_from_report(s.report, s.spec, now=s.now, plan=plan)
+    ratio = f"{ready}/{plan.world_size} workers ready"
     if ready == plan.world_size:
-        if phase != "Running":
-            d.events.append(("Normal", "Running", f"all {ready} workers are running"))
-        _set_phase(st, "Running", "AllWorkersRunning", f"all {ready} workers are running")
-        _cond(st, s, "Running", True, "AllWorkersRunning", f"all {ready} workers are running")
-    elif phase == "Running":
-        _set_phase(st, "Planned", "WorkersNotReady", f"{ready}/{plan.world_size} workers ready")
-        _cond(st, s, "Running", False, "WorkersNotReady",
-              f"{ready}/{plan.world_size} workers ready")
-    elif phase == "Pending":
-        _set_phase(st, "Planned", "CreatingWorkers", f"{ready}/{plan.world_size} workers ready")
-    return d
+        running = f"all {ready} workers are running"
+        if p.phase != Phase.RUNNING:
+            d.events.append(("Normal", Reason.RUNNING, running))
+        _set_phase(st, Phase.RUNNING, Reason.ALL_WORKERS_RUNNING, running)
+        _cond(st, s, Cond.RUNNING, True, Reason.ALL_WORKERS_RUNNING, running)
+    elif p.phase == Phase.RUNNING:
+        _set_phase(st, Phase.PLANNED, Reason.WORKERS_NOT_READY, ratio)
+        _cond(st, s, Cond.RUNNING, False, Reason.WORKERS_NOT_READY, ratio)
+    elif p.phase == Phase.PENDING:
+        _set_phase(st, Phase.PLANNED, Reason.CREATING_WORKERS, ratio)
 
 
 def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Decision:
@@ -315,7 +368,7 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
         st["attempt"] = int(st.get("attempt", 0)) + 1
     else:
         st.setdefault("attempt", 0)
-    if reason == "NodeLost":
+    if reason == Reason.NODE_LOST:
         st["replans"] = int(st["replans"]) + 1
     summary = status.plan_summary(
         plan, config_map=config_map, generation=s.generation,
@@ -332,10 +385,12 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
             f"; predicted {pred.samples_per_second:.1f} samples/s "
             f"({pred.step_seconds:.3f} s/step), bottleneck {pred.bottleneck}"
         )
-    _cond(st, s, "Planned", True, "PlanComputed", f"{reason}: {detail}")
-    d.events.append(("Normal", "PlanComputed", f"{reason}: {detail} (plan {summary['hash']})"))
-    if reason == "NodeLost":
-        d.events.append(("Warning", "Replanning", f"re-planned on the remaining nodes: {detail}"))
+    _cond(st, s, Cond.PLANNED, True, Reason.PLAN_COMPUTED, f"{reason}: {detail}")
+    computed = f"{reason}: {detail} (plan {summary['hash']})"
+    d.events.append(("Normal", Reason.PLAN_COMPUTED, computed))
+    if reason == Reason.NODE_LOST:
+        replanned = f"re-planned on the remaining nodes: {detail}"
+        d.events.append(("Warning", Reason.REPLANNING, replanned))
     if old.get("configMap") and old.get("configMap") != config_map:
         d.delete_config_maps.append(str(old["configMap"]))
     views = [status.pod_view(p) for p in s.pods]
@@ -344,15 +399,16 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
         grace_seconds=s.spec.failure_policy.node_lost_grace_period_seconds, now=s.now,
     )
     # a lost node ends the attempt; a spec change (or a lost plan) stops healthy workers
-    d.delete_pods = deletions(views, dead=reason == "NodeLost", lost_nodes=gone)
-    if st.get("phase") in (None, "Pending", "Running", "Planned", "Restarting"):
-        _set_phase(st, "Planned" if not (old or had_pods) else "Restarting", "PlanComputed", detail)
+    d.delete_pods = deletions(views, dead=reason == Reason.NODE_LOST, lost_nodes=gone)
+    if st.get("phase") in (None, Phase.PENDING, Phase.RUNNING, Phase.PLANNED, Phase.RESTARTING):
+        next_phase = Phase.PLANNED if not (old or had_pods) else Phase.RESTARTING
+        _set_phase(st, next_phase, Reason.PLAN_COMPUTED, detail)
     st["ready"] = f"0/{plan.world_size}"
     st["stages"] = status.stage_statuses(plan, status.observe([], attempt=0, plan_hash=None))
     return d
 
 
-NO_ELIGIBLE_NODES = "NoEligibleNodes"
+NO_ELIGIBLE_NODES = Reason.NO_ELIGIBLE_NODES
 
 
 def waiting_for_nodes(s: JobState, message: str) -> Decision:
@@ -370,10 +426,10 @@ def waiting_for_nodes(s: JobState, message: str) -> Decision:
     d = Decision(status=st)
     if st.get("reason") != NO_ELIGIBLE_NODES:
         d.events.append(("Warning", NO_ELIGIBLE_NODES, message))
-    _set_phase(st, "Pending", NO_ELIGIBLE_NODES, message)
-    _cond(st, s, "Planned", False, NO_ELIGIBLE_NODES, message)
-    if status.get_condition(st["conditions"], "Running") is not None:
-        _cond(st, s, "Running", False, NO_ELIGIBLE_NODES, message)
+    _set_phase(st, Phase.PENDING, NO_ELIGIBLE_NODES, message)
+    _cond(st, s, Cond.PLANNED, False, NO_ELIGIBLE_NODES, message)
+    if status.get_condition(st["conditions"], Cond.RUNNING) is not None:
+        _cond(st, s, Cond.RUNNING, False, NO_ELIGIBLE_NODES, message)
     d.delete_pods = deletions((status.pod_view(p) for p in s.pods), dead=True)
     return d
 
@@ -384,7 +440,7 @@ def plan_failed(s: JobState, reason: str, message: str) -> Decision:
     st.setdefault("conditions", [])
     st["observedGeneration"] = s.generation
     d = Decision(status=st)
-    _cond(st, s, "Planned", False, reason, message)
+    _cond(st, s, Cond.PLANNED, False, reason, message)
     _finish(s, st, d, False, reason, message)
     d.delete_pods = deletions((status.pod_view(p) for p in s.pods), dead=True)
     return d

@@ -37,7 +37,7 @@ from typing import Any
 
 from spantrain_planner import api
 from spantrain_planner import contract as c
-from spantrain_planner.plan import Plan, StagePlan
+from spantrain_planner.plan import DeviceAssignment, Plan, StagePlan
 
 from . import settings
 from .inventory import UNUSABLE_TAINTS, NodeFacts
@@ -342,6 +342,31 @@ def stage_neighbours(plan: Plan, stage: StagePlan) -> tuple[list[int], list[int]
     return prev, nxt
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One device of the plan as a pod sees it (what every part of the pod is made from)."""
+
+    job: JobRef
+    spec: api.SpanTrainJobSpec
+    plan: Plan
+    stage: StagePlan
+    replica: int
+    device: DeviceAssignment
+    facts: NodeFacts | None
+    attempt: int
+    master: str
+    host_network: bool
+    metrics_port: int
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.accelerator != "cpu"
+
+    @property
+    def name(self) -> str:
+        return pod_name(self.job.name, self.attempt, self.device.rank)
+
+
 def worker_pods(
     job: JobRef,
     spec: api.SpanTrainJobSpec,
@@ -357,185 +382,199 @@ def worker_pods(
     In ``ip`` address mode, before rank 0 has a pod IP only rank 0's pod is returned; the
     others follow once ``rank0_pod_ip`` is known.
     """
-    digest = plan.digest()
     master = master_address(job, spec, plan, nodes, attempt, rank0_pod_ip)
-    world = plan.world_size
     cm_name = plan_config_map_name(job.name, config_digest(spec, plan))
-    checkpoint = spec.training.checkpoint
     pods: list[dict[str, Any]] = []
     for stage in plan.stages:
-        prev, nxt = stage_neighbours(plan, stage)
         for replica, device in enumerate(stage.devices):
             if master is None and device.rank != 0:
                 continue
             facts = nodes.get(device.node)
             host_network = pod_host_network(spec, facts)
-            metrics_port = worker_metrics_port(plan, device.rank, host_network=host_network)
-            gpu = device.accelerator != "cpu"
-            name = pod_name(job.name, attempt, device.rank)
-            env: dict[str, str | int] = {
-                "MASTER_ADDR": master or "",
-                "MASTER_PORT": spec.rendezvous.port,
-                "WORLD_SIZE": world,
-                "RANK": device.rank,
-                "LOCAL_RANK": 0,
-                "LOCAL_WORLD_SIZE": 1,
-                "PET_MASTER_ADDR": master or "",
-                "PET_MASTER_PORT": spec.rendezvous.port,
-                "PET_NNODES": world,
-                "PET_NODE_RANK": device.rank,
-                "PET_NPROC_PER_NODE": 1,
-                "PYTHONUNBUFFERED": 1,
-                # for people (kubectl exec, logs): where this pod sits in the plan
-                c.ATTEMPT: attempt,
-                c.STAGE_INDEX: stage.stage_index,
-                c.NUM_STAGES: len(plan.stages),
-                c.REPLICA_INDEX: replica,
-                c.STAGE_RANKS: ",".join(str(d.rank) for d in stage.devices),
-                c.PREV_RANKS: ",".join(map(str, prev)),
-                c.NEXT_RANKS: ",".join(map(str, nxt)),
-                c.DEVICE_ID: device.device_id,
-                c.PLAN_HASH: digest,
-                c.ADDRESS_MODE: pod_address_mode(spec, facts),
-            }
-            # the worker's contract: plan, job spec (the worker reads its training block)
-            env.update(c.WorkerEnv(
-                plan_path=f"{c.PLAN_MOUNT}/{c.PLAN_FILE}",
-                training_path=f"{c.PLAN_MOUNT}/{c.JOB_FILE}",
-                job=job.name, namespace=job.namespace, metrics_port=metrics_port,
-                device="cuda" if gpu else "cpu", checkpoint_dir=checkpoint.path or None,
-            ).to_env())
-            if checkpoint.path:
-                env[c.CHECKPOINT_INTERVAL] = checkpoint.interval_steps
-            user_env = {e.name for e in spec.env}
-            env.update({k: v for k, v in SCRATCH_ENV.items() if k not in user_env})
-            env_list = _env(env) + [
-                {"name": e.name, "value": e.value} for e in spec.env
-            ]
-            env_list.append(
-                {
-                    "name": c.POD_IP,
-                    "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
-                }
-            )
-            mounts: list[dict[str, Any]] = [
-                {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
-                {"name": "scratch", "mountPath": SCRATCH_MOUNT},
-            ]
-            volumes: list[dict[str, Any]] = [
-                {"name": "plan", "configMap": {"name": cm_name}},
-                {"name": "scratch", "emptyDir": {}},
-            ]
-            if checkpoint.path and (
-                checkpoint.claim_name or not _under(checkpoint.path, SCRATCH_MOUNT)
-            ):
-                # the root filesystem is read-only: without a claim the checkpoints live in
-                # an emptyDir (they survive container restarts, not a new pod)
-                mounts.append({"name": "checkpoint", "mountPath": checkpoint.path})
-                volumes.append(
-                    {
-                        "name": "checkpoint",
-                        "persistentVolumeClaim": {"claimName": checkpoint.claim_name},
-                    }
-                    if checkpoint.claim_name
-                    else {"name": "checkpoint", "emptyDir": {}}
-                )
-            container: dict[str, Any] = {
-                "name": CONTAINER,
-                "image": _image(spec, device.arch, default_image),
-                # args only: the image's entrypoint (tini -- spantrain) stays PID 1, reaps
-                # the worker's children and forwards SIGTERM
-                "args": ["worker"],
-                "env": env_list,
-                # on the host network a declared port is a host port the scheduler reserves:
-                # there only rank 0 (the store) declares the rendezvous port
-                "ports": [
-                    *(
-                        [{"name": "rendezvous", "containerPort": spec.rendezvous.port}]
-                        if device.rank == 0 or not host_network
-                        else []
-                    ),
-                    {"name": "metrics", "containerPort": metrics_port},
-                ],
-                "volumeMounts": mounts,
-                "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
-            }
-            if spec.image_pull_policy:
-                container["imagePullPolicy"] = spec.image_pull_policy
-            resources = _resources(spec, gpu)
-            if resources:
-                container["resources"] = resources
-            pod_spec: dict[str, Any] = {
-                "restartPolicy": "Never",
-                "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
-                "containers": [container],
-                "volumes": volumes,
-                "affinity": {
-                    "nodeAffinity": {
-                        "requiredDuringSchedulingIgnoredDuringExecution": {
-                            "nodeSelectorTerms": [
-                                {
-                                    "matchFields": [
-                                        {
-                                            "key": "metadata.name",
-                                            "operator": "In",
-                                            "values": [device.node],
-                                        }
-                                    ]
-                                }
-                            ]
-                        }
-                    }
-                },
-                "tolerations": _tolerations(spec, facts),
-                "enableServiceLinks": False,
-                "terminationGracePeriodSeconds": 30,
-            }
-            if host_network:
-                pod_spec["hostNetwork"] = True
-                pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
-            else:
-                pod_spec["hostname"] = name
-                pod_spec["subdomain"] = service_name(job.name)
-            if gpu and facts is not None and facts.platform == "k3s":
-                pod_spec["runtimeClassName"] = "nvidia"
-            sched = spec.scheduling
-            annotations = {
-                A_DEVICE: device.device_id,
-                A_NODE: device.node,
-                # for annotation-driven Prometheus scrape configs
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(metrics_port),
-                "prometheus.io/path": "/metrics",
-            }
-            labels = {
-                L_STAGE: str(stage.stage_index),
-                L_REPLICA: str(replica),
-                L_RANK: str(device.rank),
-                L_ATTEMPT: str(attempt),
-                L_PLAN: digest,
-                L_ROLE: "worker",
-            }
-            if sched.gang == "volcano":
-                pod_spec["schedulerName"] = "volcano"
-                annotations["scheduling.k8s.io/group-name"] = pod_group_name(job.name, attempt)
-                if sched.queue:
-                    annotations["scheduling.volcano.sh/queue-name"] = sched.queue
-            elif sched.gang == "coscheduling":
-                labels["scheduling.x-k8s.io/pod-group"] = pod_group_name(job.name, attempt)
-            if sched.scheduler_name:
-                pod_spec["schedulerName"] = sched.scheduler_name
-            if sched.priority_class_name:
-                pod_spec["priorityClassName"] = sched.priority_class_name
-            if spec.service_account_name:
-                pod_spec["serviceAccountName"] = spec.service_account_name
-            else:
-                # workers never call the API: no token unless the job names an account
-                pod_spec["automountServiceAccountToken"] = False
-            meta = _meta(job, name, labels)
-            meta["annotations"] = annotations
-            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec})
+            slot = _Slot(job, spec, plan, stage, replica, device, facts, attempt, master or "",
+                         host_network,
+                         worker_metrics_port(plan, device.rank, host_network=host_network))
+            pods.append(_worker_pod(slot, cm_name, default_image))
     return pods
+
+
+def _worker_pod(slot: _Slot, cm_name: str, default_image: str) -> dict[str, Any]:
+    spec, device = slot.spec, slot.device
+    mounts, volumes = _volumes(spec, cm_name)
+    container = _container(slot, _pod_env(slot), mounts, default_image)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+        "containers": [container],
+        "volumes": volumes,
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": [device.node]}
+            ]}]
+        }}},
+        "tolerations": _tolerations(spec, slot.facts),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if slot.host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    else:
+        pod_spec["hostname"] = slot.name
+        pod_spec["subdomain"] = service_name(slot.job.name)
+    if slot.gpu and slot.facts is not None and slot.facts.platform == "k3s":
+        pod_spec["runtimeClassName"] = "nvidia"
+    annotations = {
+        A_DEVICE: device.device_id,
+        A_NODE: device.node,
+        # for annotation-driven Prometheus scrape configs
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(slot.metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
+    labels = {
+        L_STAGE: str(slot.stage.stage_index),
+        L_REPLICA: str(slot.replica),
+        L_RANK: str(device.rank),
+        L_ATTEMPT: str(slot.attempt),
+        L_PLAN: slot.plan.digest(),
+        L_ROLE: "worker",
+    }
+    _schedule(slot, pod_spec, labels, annotations)
+    meta = _meta(slot.job, slot.name, labels)
+    meta["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def _pod_env(slot: _Slot) -> list[dict[str, Any]]:
+    """Rendezvous (torch's and Kubeflow's names), where the pod sits in the plan, the worker's
+    contract, the scratch directories, the job's own ``env``, and the pod's IP."""
+    spec, plan, stage, device = slot.spec, slot.plan, slot.stage, slot.device
+    prev, nxt = stage_neighbours(plan, stage)
+    world, port = plan.world_size, spec.rendezvous.port
+    checkpoint = spec.training.checkpoint
+    env: dict[str, str | int] = {
+        "MASTER_ADDR": slot.master,
+        "MASTER_PORT": port,
+        "WORLD_SIZE": world,
+        "RANK": device.rank,
+        "LOCAL_RANK": 0,
+        "LOCAL_WORLD_SIZE": 1,
+        "PET_MASTER_ADDR": slot.master,
+        "PET_MASTER_PORT": port,
+        "PET_NNODES": world,
+        "PET_NODE_RANK": device.rank,
+        "PET_NPROC_PER_NODE": 1,
+        "PYTHONUNBUFFERED": 1,
+        # for people (kubectl exec, logs): where this pod sits in the plan
+        c.ATTEMPT: slot.attempt,
+        c.STAGE_INDEX: stage.stage_index,
+        c.NUM_STAGES: len(plan.stages),
+        c.REPLICA_INDEX: slot.replica,
+        c.STAGE_RANKS: ",".join(str(d.rank) for d in stage.devices),
+        c.PREV_RANKS: ",".join(map(str, prev)),
+        c.NEXT_RANKS: ",".join(map(str, nxt)),
+        c.DEVICE_ID: device.device_id,
+        c.PLAN_HASH: plan.digest(),
+        c.ADDRESS_MODE: pod_address_mode(spec, slot.facts),
+    }
+    # the worker's contract: plan, job spec (the worker reads its training block)
+    env.update(c.WorkerEnv(
+        plan_path=f"{c.PLAN_MOUNT}/{c.PLAN_FILE}",
+        training_path=f"{c.PLAN_MOUNT}/{c.JOB_FILE}",
+        job=slot.job.name, namespace=slot.job.namespace, metrics_port=slot.metrics_port,
+        device="cuda" if slot.gpu else "cpu", checkpoint_dir=checkpoint.path or None,
+    ).to_env())
+    if checkpoint.path:
+        env[c.CHECKPOINT_INTERVAL] = checkpoint.interval_steps
+    user_env = {e.name for e in spec.env}
+    env.update({k: v for k, v in SCRATCH_ENV.items() if k not in user_env})
+    return [
+        *_env(env),
+        *({"name": e.name, "value": e.value} for e in spec.env),
+        {"name": c.POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+
+
+def _volumes(
+    spec: api.SpanTrainJobSpec, cm_name: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The plan (read-only), the scratch ``emptyDir`` and the checkpoint volume: mounts and
+    volumes."""
+    checkpoint = spec.training.checkpoint
+    mounts: list[dict[str, Any]] = [
+        {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH_MOUNT},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": cm_name}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    if checkpoint.path and (checkpoint.claim_name or not _under(checkpoint.path, SCRATCH_MOUNT)):
+        # the root filesystem is read-only: without a claim the checkpoints live in an
+        # emptyDir (they survive container restarts, not a new pod)
+        mounts.append({"name": "checkpoint", "mountPath": checkpoint.path})
+        volumes.append(
+            {"name": "checkpoint", "persistentVolumeClaim": {"claimName": checkpoint.claim_name}}
+            if checkpoint.claim_name
+            else {"name": "checkpoint", "emptyDir": {}}
+        )
+    return mounts, volumes
+
+
+def _container(
+    slot: _Slot, env: list[dict[str, Any]], mounts: list[dict[str, Any]], default_image: str
+) -> dict[str, Any]:
+    spec = slot.spec
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": _image(spec, slot.device.arch, default_image),
+        # args only: the image's entrypoint (tini -- spantrain) stays PID 1, reaps the
+        # worker's children and forwards SIGTERM
+        "args": ["worker"],
+        "env": env,
+        # on the host network a declared port is a host port the scheduler reserves: there
+        # only rank 0 (the store) declares the rendezvous port
+        "ports": [
+            *(
+                [{"name": "rendezvous", "containerPort": spec.rendezvous.port}]
+                if slot.device.rank == 0 or not slot.host_network
+                else []
+            ),
+            {"name": "metrics", "containerPort": slot.metrics_port},
+        ],
+        "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    resources = _resources(spec, slot.gpu)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _schedule(
+    slot: _Slot, pod_spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+) -> None:
+    """Gang scheduling, scheduler, priority and service account (in place)."""
+    spec, sched = slot.spec, slot.spec.scheduling
+    if sched.gang == "volcano":
+        pod_spec["schedulerName"] = "volcano"
+        annotations["scheduling.k8s.io/group-name"] = pod_group_name(slot.job.name, slot.attempt)
+        if sched.queue:
+            annotations["scheduling.volcano.sh/queue-name"] = sched.queue
+    elif sched.gang == "coscheduling":
+        labels["scheduling.x-k8s.io/pod-group"] = pod_group_name(slot.job.name, slot.attempt)
+    if sched.scheduler_name:
+        pod_spec["schedulerName"] = sched.scheduler_name
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    else:
+        # workers never call the API: no token unless the job names an account
+        pod_spec["automountServiceAccountToken"] = False
 
 
 def pod_group_name(job_name: str, attempt: int) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -292,51 +291,22 @@ def progress_block(
 # ---------------------------------------------------------------------------------------------
 # progress from a worker's Prometheus metrics (the text ``spantrain_worker.metrics`` serves)
 
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,|(?=}))')
-_UNESCAPE = {"n": "\n", "\\": "\\", '"': '"'}
-
 Sample = tuple[dict[str, str], float]
 
 
 def parse_exposition(text: str) -> dict[str, list[Sample]]:
-    """Samples of a Prometheus text exposition (format 0.0.4), by metric name.
+    """Samples of a Prometheus text exposition, by sample name (``prometheus_client``'s
+    parser). A page that stops being well-formed yields the samples before that point, never
+    an exception: a half-written or foreign page is not an error of the job."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    Comments, blank and malformed lines are skipped: a half-written or foreign page yields
-    what it can, never an exception.
-    """
     out: dict[str, list[Sample]] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _METRIC_NAME.match(line)
-        if match is None:
-            continue
-        name, rest = match.group(0), line[match.end():]
-        labels: dict[str, str] = {}
-        if rest.startswith("{"):
-            pos = 1
-            while True:
-                m = _LABEL.match(rest, pos)
-                if m is None:
-                    break
-                labels[m.group(1)] = re.sub(
-                    r"\\(.)", lambda e: _UNESCAPE.get(e.group(1), e.group(0)), m.group(2)
-                )
-                pos = m.end()
-            close = rest.find("}", pos)
-            if close < 0 or rest[pos:close].strip():
-                continue
-            rest = rest[close + 1:]
-        fields = rest.split()
-        if not fields or (rest and not rest[0].isspace()):
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
-            continue
-        out.setdefault(name, []).append((labels, value))
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    except (ValueError, TypeError, IndexError):
+        pass
     return out
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -51,6 +51,7 @@ from .cluster import load_document
 from .errors import InputError
 from .options import PlannerOptions, ScheduleChoice
 from .profiles import ModelProfile, build_profile, preset, preset_names
+from .units import QUANTITY, quantity_value
 
 GROUP = "spantrain.io"
 VERSION = "v1alpha1"
@@ -120,7 +121,6 @@ QUALIFIED_NAME = rf"^({_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 #: A resource quantity, as Kubernetes' quantity grammar but without a sign (a negative request
 #: is no request) and with an integer exponent.
-QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 #: A container resource name: a standard one or a domain-prefixed extended resource.
 RESOURCE_NAME = (
     rf"^(cpu|memory|ephemeral-storage|hugepages-[0-9]+[KMGTPE]i|"
@@ -270,36 +270,6 @@ LabelKey = Annotated[
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 ImageRef = Annotated[str, Field(min_length=1, max_length=1024, pattern=IMAGE_REF)]
-
-_BINARY_SUFFIX = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
-_DECIMAL_SUFFIX = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15,
-                   "E": 18}
-_QUANTITY_PARTS = re.compile(r"\+?(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>.*)")
-
-
-def quantity_value(text: str) -> Decimal | None:
-    """The value of a Kubernetes quantity string in base units (None: not a quantity), as
-    ``resource.ParseQuantity`` reads it (exponents beyond an int32 are no quantity)."""
-    if re.fullmatch(QUANTITY, text) is None:
-        return None
-    parts = _QUANTITY_PARTS.fullmatch(text)
-    assert parts is not None
-    number, suffix = Decimal(parts["num"]), parts["suffix"]
-    with localcontext() as ctx:
-        ctx.prec = 200
-        if suffix in _BINARY_SUFFIX:
-            return number * Decimal(2 ** _BINARY_SUFFIX[suffix])
-        if suffix in _DECIMAL_SUFFIX:
-            return number.scaleb(_DECIMAL_SUFFIX[suffix])
-        exponent = int(suffix[1:])
-        if not -(2**31) <= exponent < 2**31:
-            return None
-        if number == 0:
-            return Decimal(0)
-        # far beyond any bound either way: do not build a number with a billion digits
-        exponent = max(min(exponent, 100 - number.adjusted()), -100 - number.adjusted())
-        return number.scaleb(exponent)
-
 
 QUANTITY_RULE = Rule(
     f"type(self) == int || (type(self) == string && isQuantity(self) && "
@@ -1139,23 +1109,71 @@ class SpanTrainJobSpec(_Spec):
 # status
 
 Phase = Literal["Pending", "Planned", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
-PHASES: tuple[str, ...] = (
-    "Pending",
-    "Planned",
-    "Running",
-    "Restarting",
-    "Suspended",
-    "Succeeded",
-    "Failed",
-)
-CONDITION_TYPES: tuple[str, ...] = (
-    "Planned",
-    "Running",
-    "Degraded",
-    "Succeeded",
-    "Failed",
-    "Suspended",
-)
+
+
+class JobPhase(StrEnum):
+    """``status.phase`` (the values of ``Phase``)."""
+
+    PENDING = "Pending"
+    PLANNED = "Planned"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+PHASES: tuple[str, ...] = tuple(JobPhase)
+assert get_args(Phase) == PHASES
+TERMINAL_PHASES = (JobPhase.SUCCEEDED, JobPhase.FAILED)
+
+
+class JobCondition(StrEnum):
+    """``status.conditions[].type``."""
+
+    PLANNED = "Planned"
+    RUNNING = "Running"
+    DEGRADED = "Degraded"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+CONDITION_TYPES: tuple[str, ...] = tuple(JobCondition)
+
+
+class Reason(StrEnum):
+    """CamelCase reasons of phases, conditions and events (``status.reason``, ``kubectl get
+    events``): what a user greps for, so each is spelled here once."""
+
+    # a job that cannot run
+    INVALID_SPEC = "InvalidSpec"  # the spec, or an object it renders, is refused
+    PLAN_INFEASIBLE = "PlanInfeasible"  # no plan fits the devices' memory
+    PLAN_TIMEOUT = "PlanTimeout"  # the planner's time budget ran out
+    NO_ELIGIBLE_NODES = "NoEligibleNodes"  # waiting for a node the placement selects
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
+    # planning
+    INITIAL = "Initial"
+    PLAN_COMPUTED = "PlanComputed"
+    NODE_LOST = "NodeLost"
+    SPEC_CHANGED = "SpecChanged"
+    PLAN_LOST = "PlanLost"
+    REPLANNING = "Replanning"
+    # workers
+    CREATING_WORKERS = "CreatingWorkers"
+    STAGE_POD_CREATED = "StagePodCreated"
+    STAGE_POD_FAILED = "StagePodFailed"
+    WORKERS_NOT_READY = "WorkersNotReady"
+    ALL_WORKERS_RUNNING = "AllWorkersRunning"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    SUCCEEDED = "Succeeded"
+    # nodes
+    NODE_NOT_READY = "NodeNotReady"
+    NODES_READY = "NodesReady"
 
 
 class Condition(_Status):

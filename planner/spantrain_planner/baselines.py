@@ -31,9 +31,7 @@ from .assemble import StageLayout, assemble
 from .cluster import Device, Topology
 from .grouping import group_devices
 from .options import PlannerOptions
-from .plan import Plan, Schedule
-from .profiles import ModelProfile
-from .search import (
+from .partition import (
     StageDevices,
     coarsen,
     divisors,
@@ -42,6 +40,8 @@ from .search import (
     microbatch_candidates,
     partition_layers,
 )
+from .plan import Plan, Schedule
+from .profiles import ModelProfile
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
 
 Scored = tuple[Plan, SimResult]

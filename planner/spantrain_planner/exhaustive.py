@@ -19,10 +19,11 @@ from .assemble import StageLayout, assemble
 from .cluster import Topology
 from .errors import InfeasibleError
 from .options import PlannerOptions
+from .partition import microbatch_candidates, proportional_shares
 from .plan import Plan, Schedule
 from .profiles import ModelProfile
 from .randomcase import random_cluster, random_profile
-from .search import microbatch_candidates, proportional_shares, search
+from .search import search
 from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult
 
 

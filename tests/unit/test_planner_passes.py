@@ -9,6 +9,7 @@ import pytest
 from spantrain_planner.assemble import StageLayout, assemble
 from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
 from spantrain_planner.grouping import compute_groups, group_devices
+from spantrain_planner.partition import even_shares, proportional_shares
 from spantrain_planner.plan import boundary_transfers, gradient_buckets, rank_info
 from spantrain_planner.profiles import LayerProfile, ModelProfile
 from spantrain_planner.schedules import (
@@ -18,7 +19,6 @@ from spantrain_planner.schedules import (
     static_schedule,
     zero_bubble,
 )
-from spantrain_planner.search import even_shares, proportional_shares
 from spantrain_planner.simulator import CostModel
 from spantrain_planner.validate import PlanValidationError, validate_plan
 

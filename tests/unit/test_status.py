@@ -55,6 +55,52 @@ def test_plan_spec_hash_ignores_pod_level_fields() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# every status the reconcile functions write is the API's status model, key for key
+
+
+def _unknown_keys(model: type[Any], data: Any, path: str = "status") -> list[str]:
+    """Keys of ``data`` that ``model`` (a pydantic model) does not declare, recursively."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if not isinstance(data, dict):
+        return []
+    fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+    out = [f"{path}.{k}" for k in data if k not in fields]
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            continue
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        for kind in kinds:
+            inner = [kind, *typing.get_args(kind)]
+            sub = next((k for k in inner if isinstance(k, type) and issubclass(k, BaseModel)),
+                       None)
+            if sub is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                out += _unknown_keys(sub, item, f"{path}.{key}[{i}]")
+            break
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _statuses_are_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("decide", "after_plan", "plan_failed", "waiting_for_nodes"):
+        real = getattr(reconcile, name)
+
+        def checked(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            d = _real(*args, **kwargs)
+            api.SpanTrainJobStatus.model_validate(d.status)
+            assert not _unknown_keys(api.SpanTrainJobStatus, d.status), d.status
+            return d
+
+        monkeypatch.setattr(reconcile, name, checked)
+
+
+# --------------------------------------------------------------------------------------------
 # reconcile
 
 
@@ -293,6 +339,7 @@ broken{job="x" 1.0
 
 
 def test_parse_exposition() -> None:
+    pytest.importorskip("prometheus_client")  # the operator's extra parses the page
     samples = status.parse_exposition(PAGE)
     (labels, value), = samples["spantrain_worker_loss"]
     assert value == 3.25 and labels["job"] == 'a "quoted", {odd} job' and labels["rank"] == "0"
@@ -303,6 +350,7 @@ def test_parse_exposition() -> None:
 
 
 def test_worker_report_from_a_page() -> None:
+    pytest.importorskip("prometheus_client")
     report = status.worker_report(PAGE)
     assert report == status.WorkerReport(steps_done=41, loss=3.25, samples_per_second=64.0,
                                          step_seconds=0.5)

@@ -154,6 +154,24 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class _Follower:
+    """The rows appended to a JSON-lines file since the last call (a progress tick reads
+    what is new, not the whole file again); a half-written last line waits for the next."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
 def draw_measured_timeline(plan: Plan, out: Path) -> Path | None:
     """Draw the recorded step of every rank with the planner's chart function."""
     from spantrain_planner.chart import draw_timeline
@@ -288,11 +306,12 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
     tty = sys.stdout.isatty()
     state: dict[str, Any] = {"shown": -1, "first": None}
     started = time.monotonic()
+    losses = _Follower(out / "losses.jsonl")
 
     def tick() -> None:
         if gate is not None:
             gate.poll()  # step 0 done everywhere: quotas from now on
-        rows = _read_rows(out / "losses.jsonl")
+        rows = losses.new_rows()
         if not rows or rows[-1]["step"] == state["shown"]:
             return
         row = rows[-1]

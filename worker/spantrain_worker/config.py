@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from spantrain_planner import api
 from spantrain_planner.cluster import load_document
 from spantrain_planner.contract import WorkerEnv
 from spantrain_planner.plan import Plan
@@ -60,15 +61,20 @@ class TrainingConfig(_Model):
 
 
 def load_training(path: str | Path | None) -> TrainingConfig:
-    """A training block from a file holding the block, a job's spec, or a whole SpanTrainJob.
+    """The training knobs in a file holding a whole SpanTrainJob, a job's spec (the operator
+    mounts ``job.json``), or a bare training block (tests, benchmarks).
 
-    The operator mounts the spec (``job.json``); ``spantrain local`` passes the manifest.
+    A job's training block is read by the API's own model (``api.TrainingSpec``: the same
+    checks and defaults as the API server and ``spantrain local``); the worker-only knobs
+    (``TrainingConfig``'s others) keep their defaults there.
     """
     if path is None:
         return TrainingConfig()
     doc: dict[str, Any] = load_document(path)
-    if "spec" in doc:
-        doc = doc["spec"] or {}
+    spec = doc.get("spec") if "spec" in doc else (doc if "model" in doc else None)
+    if isinstance(spec, dict):
+        block = api.TrainingSpec.model_validate(spec.get("training") or {})
+        return TrainingConfig.model_validate(block.model_dump(mode="json", by_alias=True))
     if isinstance(doc.get("training"), dict):
         doc = doc["training"]
     return TrainingConfig.model_validate(doc)
