@@ -17,8 +17,11 @@ module.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 PREFIX = "SPANTRAIN_"
 """Reserved: users may not set variables with this prefix in ``spec.env``."""
@@ -96,29 +99,27 @@ RENDEZVOUS_TIMEOUT_SECONDS = 300.0
 def number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
     """``env[name]`` as a number >= ``minimum`` (``default`` when unset or empty); a clear
     ``ValueError`` naming the variable otherwise."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: not a number") from None
-    if not value >= minimum:
-        raise ValueError(f"{name}={raw!r}: must be at least {minimum:g}")
-    return value
+    return _read(env, name, default, float, "a number", minimum)
 
 
 def integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
     """``env[name]`` as an integer >= ``minimum``, like ``number``."""
+    return _read(env, name, default, int, "an integer", minimum)
+
+
+def _read(
+    env: Mapping[str, str], name: str, default: T, kind: Callable[[str], T], what: str,
+    minimum: float,
+) -> T:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r}: must be at least {minimum}")
+        raise ValueError(f"{name}={raw!r}: not {what}") from None
+    if not value >= minimum:
+        raise ValueError(f"{name}={raw!r}: must be at least {minimum:g}")
     return value
 
 
