@@ -132,6 +132,18 @@ class RealNode:
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--"]
 
 
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """The file's identity (inode and change time: an inode number can be reused)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 def node_labels(spec: ClusterSpec, topology: Topology) -> dict[str, dict[str, str]]:
     """The ``spantrain.io/*`` labels of each node, from the description the planner reads.
 
@@ -713,6 +725,12 @@ class RealCluster:
     def _start_node_agents(self, node: RealNode) -> None:
         d = node.dir
         bins = self.bin_dir
+        # every kubelet binds the same /var/lib/kubelet/device-plugins/kubelet.sock (the path
+        # is fixed, not under --root-dir): one removes the file and binds while another does
+        # the same, and the loser exits with "address already in use". Start them one after
+        # another: each waits for the previous one's socket (a later kubelet then replaces
+        # the file; the earlier keeps its unlinked socket, which nothing here uses).
+        before = _inode(DEVICE_PLUGIN_SOCKET)
         self._procs[f"kubelet-{node.name}"] = spawn_logged(f"kubelet-{node.name}", [
             *node.nsenter(), str(bins / "kubelet"),
             f"--config={d / 'kubelet.json'}",
@@ -729,6 +747,11 @@ class RealCluster:
             *node.nsenter(), str(bins / "kube-proxy"), f"--config={d / 'kube-proxy.json'}",
             "--v=1",
         ], self.log_dir)
+        deadline = time.monotonic() + 60
+        while _inode(DEVICE_PLUGIN_SOCKET) in (None, before) and time.monotonic() < deadline:
+            if self._procs[f"kubelet-{node.name}"].popen.poll() is not None:
+                break  # wait_nodes_ready reports the kubelet's exit with its log
+            time.sleep(0.1)
 
     def _label_nodes(self) -> None:
         with self.api() as api:

@@ -163,13 +163,12 @@ def resumed_from(log_text: str) -> tuple[bool, int | None]:
     return False, None
 
 
-def step_throughputs(log_text: str) -> list[tuple[int, float]]:
-    """(step, samples/s) of the steps rank 0 logged (every ``logIntervalSteps``), in order."""
+def step_throughputs(log_text: str) -> list[float]:
+    """samples/s of the steps rank 0 logged (every ``logIntervalSteps``), in order."""
     out = []
     for line in log_text.splitlines():
-        if "event=step" in line and "samples_per_second=" in line and " step=" in line:
-            step = int(line.split(" step=", 1)[1].split()[0])
-            out.append((step, float(line.split("samples_per_second=", 1)[1].split()[0])))
+        if "event=step" in line and "samples_per_second=" in line:
+            out.append(float(line.split("samples_per_second=", 1)[1].split()[0]))
     return out
 
 
@@ -537,11 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{image_mb} MB)")
     job = yaml.safe_load(JOB_FILE.read_text())
     job_name = job["metadata"]["name"]
-    result: dict[str, Any] = {
-        "phase": "NotStarted", "faults": [], "panels": (0, 0, []), "notes": [],
-        "interval": int(((job["spec"].get("training") or {}).get("checkpoint") or {})
-                        .get("intervalSteps") or 0),
-    }
+    result: dict[str, Any] = {"phase": "NotStarted", "faults": [], "panels": (0, 0, []),
+                              "notes": []}
     cluster = RealCluster(
         bin_dir, CLUSTER_FILE, images=[p for _, p in images.values()],
         pause_image=images["pause"][0], coredns_image=images["coredns"][0],
@@ -598,38 +594,25 @@ def main(argv: list[str] | None = None) -> int:
     return report(result, image_mb, len(cluster.nodes), time.monotonic() - t0)
 
 
-def sim_error(
-    rows: list[dict[str, Any]], logs: dict[int, str], checkpoint_interval: int = 0
-) -> tuple[float, list[str]]:
+def sim_error(rows: list[dict[str, Any]], logs: dict[int, str]) -> tuple[float, list[str]]:
     """|measured - predicted| / predicted for every attempt that trained long enough: measured
     is the median samples/s of the steps rank 0 logged (after its first two), predicted the
-    plan's figure for that attempt; the worst of them.
-
-    The planner predicts compute and communication, not checkpoint I/O: the step right after a
-    checkpoint save waits for every rank's save (gpt-e2e saves every 20 steps and logs every
-    10, so without this every other logged step would carry a save), so those steps are left
-    out of the median; the notes give the median with them too."""
+    plan's figure for that attempt; the worst of them."""
     predicted: dict[int, tuple[float, tuple[str, ...]]] = {}
     for row in rows:
         if row["predicted"]:
             predicted[row["attempt"]] = (float(row["predicted"]), row["nodes"])
     notes, errors = [], []
     for attempt, text in sorted(logs.items()):
-        logged = step_throughputs(text)[2:]
-        after_save = [r for step, r in logged
-                      if checkpoint_interval and step and step % checkpoint_interval == 0]
-        rates = [r for step, r in logged
-                 if not (checkpoint_interval and step and step % checkpoint_interval == 0)]
+        rates = step_throughputs(text)[2:]
         if len(rates) < 4 or attempt not in predicted:
             continue
         measured = statistics.median(rates)
         pred, nodes = predicted[attempt]
         errors.append(abs(measured - pred) / pred)
-        with_saves = statistics.median([r for _, r in logged])
         notes.append(f"attempt {attempt} on {list(nodes)}: measured {measured:.1f} samples/s "
-                     f"(median of {len(rates)} logged steps; {len(after_save)} right after a "
-                     f"checkpoint save left out, {with_saves:.1f} with them), predicted "
-                     f"{pred:.1f} ({errors[-1]:.0%} off)")
+                     f"(median of {len(rates)} logged steps), predicted {pred:.1f} "
+                     f"({errors[-1]:.0%} off)")
     if not errors:
         return float("nan"), ["no attempt trained long enough to measure its throughput"]
     return max(errors), notes
@@ -638,7 +621,7 @@ def sim_error(
 def report(result: dict[str, Any], image_mb: int, num_nodes: int, seconds: float) -> int:
     rows = result.get("rows") or []
     losses = [r["loss"] for r in rows if r["loss"] is not None]
-    err, err_notes = sim_error(rows, result.get("logs") or {}, result.get("interval", 0))
+    err, err_notes = sim_error(rows, result.get("logs") or {})
     status = result.get("status") or {}
     # the steps trained: rank 0's ``event=done steps=N`` (the status' progress is read every
     # few seconds and may miss the last steps)
