@@ -378,11 +378,20 @@ def running_prometheus(cluster: RealCluster) -> Iterator[str]:
         yield url
 
 
-def check_panels(url: str) -> tuple[int, int, list[str]]:
+def check_panels(url: str, patience: float = 45.0) -> tuple[int, int, list[str]]:
+    """Panels whose query returns data; an empty one is asked again every 3 s for up to
+    ``patience`` seconds (after the faults, new worker pods are new scrape targets: their
+    series appear a scrape interval or two later)."""
     queries = prometheus.dashboard_queries(
         REPO / "helm" / "spantrain" / "dashboards" / "spantrain.json")
-    empty = [f"{title}: {expr}" for title, expr in queries
-             if not prometheus.query_has_data(url, expr)]
+    waiting = list(queries)
+    deadline = time.monotonic() + patience
+    while True:
+        waiting = [(t, e) for t, e in waiting if not prometheus.query_has_data(url, e)]
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    empty = [f"{title}: {expr}" for title, expr in waiting]
     panels = {title for title, _ in queries}
     empty_panels = {e.split(":", 1)[0] for e in empty}
     return len(panels) - len(empty_panels), len(panels), empty
