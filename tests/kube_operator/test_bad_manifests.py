@@ -93,10 +93,3 @@ def test_api_server_agrees_with_pydantic(kube_api: k8s_client.ApiClient,
     assert mine is not None, f"{case.name}: pydantic rejects it: {lines}"
     # what the operator would read back (API server defaults) is what pydantic made of it
     assert api.parse_spec(stored["spec"]) == mine.spec, case.name
-
-
-def test_mount_points_match_the_renderer() -> None:
-    from spantrain_operator import render
-
-    assert api.PLAN_MOUNT == render.PLAN_MOUNT
-    assert api.SCRATCH_MOUNT == render.SCRATCH_MOUNT
