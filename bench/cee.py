@@ -59,14 +59,14 @@ if str(ROOT) not in sys.path:
 
 from bench import torch_pipe  # noqa: E402
 
-from spantrain_planner.baselines import run_baselines  # noqa: E402
-from spantrain_planner.cluster import ClusterSpec, Topology, resolve  # noqa: E402
-from spantrain_planner.contract import WorkerEnv, rendezvous_env  # noqa: E402
-from spantrain_planner.options import PlannerOptions  # noqa: E402
-from spantrain_planner.plan import Plan  # noqa: E402
-from spantrain_planner.profiles import ModelProfile, build_profile, preset  # noqa: E402
-from spantrain_planner.report import table  # noqa: E402
-from spantrain_planner.search import search  # noqa: E402
+from spantrain_planner.cli.report import table  # noqa: E402
+from spantrain_planner.core.contract import WorkerEnv, rendezvous_env  # noqa: E402
+from spantrain_planner.core.options import PlannerOptions  # noqa: E402
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, resolve  # noqa: E402
+from spantrain_planner.inputs.plan import Plan  # noqa: E402
+from spantrain_planner.inputs.profiles import ModelProfile, build_profile, preset  # noqa: E402
+from spantrain_planner.passes.baselines import run_baselines  # noqa: E402
+from spantrain_planner.passes.search import search  # noqa: E402
 from spantrain_testbed import StartupGate, Testbed, cgroups  # noqa: E402
 from spantrain_testbed.cgroups import CpuQuota  # noqa: E402
 

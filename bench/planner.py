@@ -25,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from spantrain_planner.baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
-from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
-from spantrain_planner.errors import InfeasibleError
-from spantrain_planner.exhaustive import optimality_gaps
-from spantrain_planner.options import PlannerOptions
-from spantrain_planner.profiles import gpt_profile, preset
-from spantrain_planner.report import table
-from spantrain_planner.search import search
+from spantrain_planner.cli.report import table
+from spantrain_planner.core.errors import InfeasibleError
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.inputs.cluster import ClusterSpec, load_cluster, resolve
+from spantrain_planner.inputs.profiles import gpt_profile, preset
+from spantrain_planner.passes.baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
+from spantrain_planner.passes.exhaustive import optimality_gaps
+from spantrain_planner.passes.search import search
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ["paper-env1", "paper-env2", "mixed-edge"]

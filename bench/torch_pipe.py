@@ -39,12 +39,12 @@ from typing import Any
 
 from pydantic.alias_generators import to_snake
 
-from spantrain_planner import contract
-from spantrain_planner.assemble import model_ref
-from spantrain_planner.cluster import load_document
-from spantrain_planner.partition import even_shares
-from spantrain_planner.plan import ModelRef
-from spantrain_planner.profiles import build_profile, preset
+from spantrain_planner.core import contract
+from spantrain_planner.inputs.cluster import load_document
+from spantrain_planner.inputs.plan import ModelRef
+from spantrain_planner.inputs.profiles import build_profile, preset
+from spantrain_planner.passes.assemble import model_ref
+from spantrain_planner.passes.partition import even_shares
 from spantrain_worker.config import TrainingConfig, load_training
 
 #: A model as the benchmarks name it: a preset ("gpt-mini"), a ``ModelRef`` (a plan's

@@ -40,10 +40,10 @@ if str(ROOT) not in sys.path:
 
 from bench import torch_pipe  # noqa: E402
 
-from spantrain_planner.assemble import StageLayout, assemble  # noqa: E402
-from spantrain_planner.cluster import ClusterSpec, resolve  # noqa: E402
-from spantrain_planner.plan import Plan  # noqa: E402
-from spantrain_planner.profiles import preset  # noqa: E402
+from spantrain_planner.inputs.cluster import ClusterSpec, resolve  # noqa: E402
+from spantrain_planner.inputs.plan import Plan  # noqa: E402
+from spantrain_planner.inputs.profiles import preset  # noqa: E402
+from spantrain_planner.passes.assemble import StageLayout, assemble  # noqa: E402
 from spantrain_worker import launch  # noqa: E402
 from spantrain_worker.baseline import PlainTrainer  # noqa: E402
 from spantrain_worker.config import TrainingConfig  # noqa: E402

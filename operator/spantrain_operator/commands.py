@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from spantrain_planner import contract as c
+from spantrain_planner.core import contract as c
 
 from . import settings
 

@@ -36,10 +36,10 @@ from pydantic import ValidationError
 
 from spantrain_planner import api
 from spantrain_planner.api import Reason
-from spantrain_planner.cluster import ClusterSpec
-from spantrain_planner.contract import PLAN_FILE
-from spantrain_planner.errors import InputError, PlanningError, PlanTimeoutError
-from spantrain_planner.plan import Plan
+from spantrain_planner.core.contract import PLAN_FILE
+from spantrain_planner.core.errors import InputError, PlanningError, PlanTimeoutError
+from spantrain_planner.inputs.cluster import ClusterSpec
+from spantrain_planner.inputs.plan import Plan
 
 from . import (
     inventory,

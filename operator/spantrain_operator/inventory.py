@@ -20,8 +20,8 @@ from datetime import datetime
 from typing import Any
 
 from spantrain_planner.api import NodeSelectorRequirement, PlacementSpec, Toleration
-from spantrain_planner.cluster import ClusterSpec, DeviceGroupSpec, LinksSpec, NodeSpec, Tier
-from spantrain_planner.units import parse_bytes
+from spantrain_planner.core.units import parse_bytes
+from spantrain_planner.inputs.cluster import ClusterSpec, DeviceGroupSpec, LinksSpec, NodeSpec, Tier
 
 L_ARCH = "kubernetes.io/arch"
 L_HOSTNAME = "kubernetes.io/hostname"

@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 
 from spantrain_planner import api
-from spantrain_planner.cluster import ClusterSpec, resolve
-from spantrain_planner.plan import Plan
-from spantrain_planner.search import make_plan
+from spantrain_planner.inputs.cluster import ClusterSpec, resolve
+from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.search import make_plan
 
 
 def plan_job(

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 #: imported once by the fork server, so each planner process starts with the planner loaded
-PRELOAD = ["spantrain_planner.search", "spantrain_planner.api"]
+PRELOAD = ["spantrain_planner.passes.search", "spantrain_planner.api"]
 
 
 class PlanQueue(Generic[T]):

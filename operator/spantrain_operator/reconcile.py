@@ -45,7 +45,7 @@ from spantrain_planner import api
 from spantrain_planner.api import JobCondition as Cond
 from spantrain_planner.api import JobPhase as Phase
 from spantrain_planner.api import Reason
-from spantrain_planner.plan import Plan
+from spantrain_planner.inputs.plan import Plan
 
 from . import inventory, render, status
 from .status import WorkerReport

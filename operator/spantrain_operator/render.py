@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from spantrain_planner import api
-from spantrain_planner import contract as c
-from spantrain_planner.plan import DeviceAssignment, Plan, StagePlan
+from spantrain_planner.core import contract as c
+from spantrain_planner.inputs.plan import DeviceAssignment, Plan, StagePlan
 
 from . import settings
 from .inventory import UNUSABLE_TAINTS, NodeFacts

@@ -1,7 +1,7 @@
 """The operator's settings: one typed, validated object, read once from the environment.
 
 Role: the Helm chart (and ``spantrain operator``'s flags) configure the operator through the
-variables named in ``spantrain_planner.contract``; ``Settings.from_env`` reads them all here,
+variables named in ``spantrain_planner.core.contract``; ``Settings.from_env`` reads them all here,
 with their defaults, and fails with the variable named when one is malformed. ``current()``
 is what the handlers use; ``spantrain operator`` installs its flag-merged settings with
 ``install`` before the handlers are imported.
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from spantrain_planner import contract as c
+from spantrain_planner.core import contract as c
 
 DEFAULT_IMAGE = "spantrain:0.1.0"
 LOG_LEVELS = ("debug", "info", "warning", "error")

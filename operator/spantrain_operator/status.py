@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from spantrain_planner import api
-from spantrain_planner.plan import Plan
+from spantrain_planner.inputs.plan import Plan
 
 from .render import L_ATTEMPT, L_PLAN, L_RANK
 

@@ -16,9 +16,9 @@ import json
 import sys
 from typing import Any
 
-from spantrain_planner import contract
-from spantrain_planner.cluster import load_cluster, resolve
-from spantrain_planner.errors import InputError
+from spantrain_planner.core import contract
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.inputs.cluster import load_cluster, resolve
 
 from . import cgroups
 from .testbed import Testbed, TestbedError, status, sweep, sweep_all

@@ -37,7 +37,7 @@ Latency is NOT emulated: adding delay needs the ``netem`` qdisc, which this kern
 ``tbf``/``htb`` only pace. The topology's latencies are recorded in the plan and reported.
 
 Must not import torch, ``spantrain_worker`` or ``spantrain_operator``; uses only the standard
-library and ``spantrain_planner.cluster``.
+library and ``spantrain_planner.inputs.cluster``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from spantrain_planner.cluster import Topology
+from spantrain_planner.inputs.cluster import Topology
 
 PREFIX = "stb"
 NAME_RE = re.compile(r"^stb(\d{1,3})-")

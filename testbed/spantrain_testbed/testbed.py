@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spantrain_planner import contract
-from spantrain_planner.cluster import Device, Topology
+from spantrain_planner.core import contract
+from spantrain_planner.inputs.cluster import Device, Topology
 
 from . import cgroups, netns
 from .cgroups import CpuQuota, plan_quotas

@@ -41,7 +41,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from kubernetes.client.rest import ApiException
 
-from spantrain_planner.cluster import ClusterSpec, Topology, load_cluster, resolve
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, load_cluster, resolve
 from spantrain_testbed import cgroups as tb_cgroups
 from spantrain_testbed.testbed import Testbed
 from spantrain_testbed.testbed import sweep as testbed_sweep

@@ -37,7 +37,7 @@ from stj_helpers import (  # noqa: E402
 from tests.cluster.controlplane import ClusterHelpers  # noqa: E402
 from tests.cluster.fixtures import control_plane, k8s_bin_dir, kube_api  # noqa: E402, F401
 
-from spantrain_planner import crd  # noqa: E402
+from spantrain_planner.api import crd  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ from kubernetes import client as k8s_client
 from kubernetes.client.rest import ApiException
 from stj_helpers import wait_for
 
-from spantrain_planner import api, crd
+from spantrain_planner import api
+from spantrain_planner.api import crd
 
 pytestmark = pytest.mark.cluster
 

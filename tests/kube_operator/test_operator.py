@@ -36,7 +36,7 @@ from stj_helpers import (
 )
 from tests.cluster.controlplane import mark_pod_failed
 
-from spantrain_planner.plan import Plan
+from spantrain_planner.inputs.plan import Plan
 
 pytestmark = pytest.mark.cluster
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from spantrain_planner.cluster import ClusterSpec, Topology, resolve
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, resolve
 from tests.testbed.requirements import testbed_missing
 
 pytestmark = [pytest.mark.root]

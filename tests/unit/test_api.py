@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from spantrain_planner import api
-from spantrain_planner.errors import InputError
-from spantrain_planner.options import PlannerOptions
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.core.options import PlannerOptions
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from spantrain_planner import api, crd
-from spantrain_planner.errors import InputError
+from spantrain_planner import api
+from spantrain_planner.api import crd
+from spantrain_planner.core.errors import InputError
 from tests.corpus.bad_manifests import BASE, BASE_PATH, CASES, RESERVED_ENV_MESSAGE, Case
 
 #: Rules whose pydantic mirror is not a validator with the same message: the env-name pair

@@ -1,4 +1,4 @@
-"""Each ``SPANTRAIN_*`` variable is spelled in one module: ``spantrain_planner.contract``.
+"""Each ``SPANTRAIN_*`` variable is spelled in one module: ``spantrain_planner.core.contract``.
 
 The operator renders a worker's environment, the worker and the testbed read it, the chart
 sets the operator's: all import the names from the contract, so none can drift.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from spantrain_planner import contract
+from spantrain_planner.core import contract
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("operator", "worker", "planner", "bench", "testbed")
-CONTRACT = REPO / "planner" / "spantrain_planner" / "contract.py"
+CONTRACT = Path(contract.__file__).resolve()
 
 
 def test_variables_are_spelled_only_in_the_contract() -> None:
@@ -23,7 +23,7 @@ def test_variables_are_spelled_only_in_the_contract() -> None:
         for path in (REPO / top).rglob("*.py")
         if path != CONTRACT and "SPANTRAIN_" in path.read_text()
     }
-    assert not spelled, f"import these from spantrain_planner.contract: {spelled}"
+    assert not spelled, f"import these from spantrain_planner.core.contract: {spelled}"
 
 
 def test_every_name_is_prefixed_and_unique() -> None:

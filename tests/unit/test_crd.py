@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from spantrain_planner import api, crd
+from spantrain_planner import api
+from spantrain_planner.api import crd
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "spantrainjobs.spantrain.io.yaml"

@@ -10,7 +10,7 @@ import pytest
 
 from spantrain_operator import inventory
 from spantrain_planner.api import PlacementSpec
-from spantrain_planner.cluster import resolve
+from spantrain_planner.inputs.cluster import resolve
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 

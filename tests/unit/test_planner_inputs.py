@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
-from spantrain_planner.errors import InputError
-from spantrain_planner.profiles import get_profile, gpt_profile, preset, preset_names
-from spantrain_planner.units import mbps_to_bytes_per_second, parse_bytes
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.core.units import mbps_to_bytes_per_second, parse_bytes
+from spantrain_planner.inputs.cluster import ClusterSpec, load_cluster, resolve
+from spantrain_planner.inputs.profiles import get_profile, gpt_profile, preset, preset_names
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 

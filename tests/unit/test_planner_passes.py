@@ -6,21 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from spantrain_planner.assemble import StageLayout, assemble
-from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
-from spantrain_planner.grouping import compute_groups, group_devices
-from spantrain_planner.partition import even_shares, proportional_shares
-from spantrain_planner.plan import boundary_transfers, gradient_buckets, rank_info
-from spantrain_planner.profiles import LayerProfile, ModelProfile
-from spantrain_planner.schedules import (
+from spantrain_planner.evaluation.simulator import CostModel
+from spantrain_planner.evaluation.validate import PlanValidationError, validate_plan
+from spantrain_planner.inputs.cluster import ClusterSpec, load_cluster, resolve
+from spantrain_planner.inputs.plan import boundary_transfers, gradient_buckets, rank_info
+from spantrain_planner.inputs.profiles import LayerProfile, ModelProfile
+from spantrain_planner.passes.assemble import StageLayout, assemble
+from spantrain_planner.passes.grouping import compute_groups, group_devices
+from spantrain_planner.passes.partition import even_shares, proportional_shares
+from spantrain_planner.passes.schedules import (
     StageCost,
     fuse_backward,
     one_f_one_b,
     static_schedule,
     zero_bubble,
 )
-from spantrain_planner.simulator import CostModel
-from spantrain_planner.validate import PlanValidationError, validate_plan
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 NO_OVERHEAD = CostModel(overhead_scale=0.0)

@@ -13,16 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spantrain_planner.baselines import ALL, run_baselines
-from spantrain_planner.cluster import ClusterSpec, load_cluster, resolve
-from spantrain_planner.errors import InfeasibleError, InputError
-from spantrain_planner.exhaustive import optimality_gaps
-from spantrain_planner.options import PlannerOptions
-from spantrain_planner.plan import Plan, boundary_transfers
-from spantrain_planner.profiles import preset
-from spantrain_planner.randomcase import random_cluster, random_profile
-from spantrain_planner.search import make_plan, search
-from spantrain_planner.validate import validate_plan
+from spantrain_planner.core.errors import InfeasibleError, InputError
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.evaluation.validate import validate_plan
+from spantrain_planner.inputs.cluster import ClusterSpec, load_cluster, resolve
+from spantrain_planner.inputs.plan import Plan, boundary_transfers
+from spantrain_planner.inputs.profiles import preset
+from spantrain_planner.passes.baselines import ALL, run_baselines
+from spantrain_planner.passes.exhaustive import optimality_gaps
+from spantrain_planner.passes.randomcase import random_cluster, random_profile
+from spantrain_planner.passes.search import make_plan, search
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "clusters"

@@ -9,10 +9,10 @@ import pytest
 
 from spantrain_operator import inventory, render
 from spantrain_planner import api
-from spantrain_planner.assemble import StageLayout, assemble
-from spantrain_planner.cluster import ClusterSpec, resolve
-from spantrain_planner.plan import Plan
-from spantrain_planner.profiles import preset
+from spantrain_planner.inputs.cluster import ClusterSpec, resolve
+from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.inputs.profiles import preset
+from spantrain_planner.passes.assemble import StageLayout, assemble
 
 JOB = render.JobRef(name="gpt", namespace="ml", uid="uid-1")
 

@@ -12,7 +12,7 @@ import pytest
 
 from spantrain_operator import reconcile, render, status
 from spantrain_planner import api
-from spantrain_planner.plan import Plan
+from spantrain_planner.inputs.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_render import JOB, make_plan
@@ -502,8 +502,8 @@ def test_planner_processes_plan_in_parallel_and_carry_errors() -> None:
 
     from spantrain_operator import planning
     from spantrain_operator.planqueue import PlanQueue
-    from spantrain_planner.cluster import ClusterSpec, load_cluster
-    from spantrain_planner.errors import InfeasibleError, PlanTimeoutError
+    from spantrain_planner.core.errors import InfeasibleError, PlanTimeoutError
+    from spantrain_planner.inputs.cluster import ClusterSpec, load_cluster
 
     cluster = load_cluster(REPO / "examples" / "clusters" / "paper-env1.yaml")
     spec = api.parse_spec({"model": {"preset": "gpt2-small"}, "training": {"globalBatch": 32}})

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spantrain_planner.assemble import StageLayout, assemble  # noqa: E402
-from spantrain_planner.cluster import ClusterSpec, Topology, resolve  # noqa: E402
-from spantrain_planner.plan import Plan  # noqa: E402
-from spantrain_planner.profiles import preset  # noqa: E402
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, resolve  # noqa: E402
+from spantrain_planner.inputs.plan import Plan  # noqa: E402
+from spantrain_planner.inputs.profiles import preset  # noqa: E402
+from spantrain_planner.passes.assemble import StageLayout, assemble  # noqa: E402
 from spantrain_worker import launch  # noqa: E402
 
 

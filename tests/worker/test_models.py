@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spantrain_planner.assemble import model_ref  # noqa: E402
-from spantrain_planner.profiles import preset, preset_names  # noqa: E402
+from spantrain_planner.inputs.profiles import preset, preset_names  # noqa: E402
+from spantrain_planner.passes.assemble import model_ref  # noqa: E402
 from spantrain_worker.models import (  # noqa: E402
     build_model,
     layer_output_shapes,

@@ -16,7 +16,7 @@ import yaml
 torch = pytest.importorskip("torch")
 
 from spantrain_planner.cli import main  # noqa: E402
-from spantrain_planner.profiles import ModelProfile, load_profile, preset  # noqa: E402
+from spantrain_planner.inputs.profiles import ModelProfile, load_profile, preset  # noqa: E402
 from spantrain_worker.checkpoint import latest_step  # noqa: E402
 from spantrain_worker.models import ModelError, call_entrypoint  # noqa: E402
 from spantrain_worker.profiling import (  # noqa: E402

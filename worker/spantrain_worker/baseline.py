@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from spantrain_planner.plan import ModelRef, Plan
+from spantrain_planner.inputs.plan import ModelRef, Plan
 
 from .config import TrainingConfig
 from .models import build_model

@@ -48,8 +48,8 @@ import torch.distributed as dist
 # its stubs); the public path is the supported one, so only the stub check is silenced.
 from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
-from spantrain_planner import contract
-from spantrain_planner.plan import Plan, boundary_transfers
+from spantrain_planner.core import contract
+from spantrain_planner.inputs.plan import Plan, boundary_transfers
 
 Direction = Literal["act", "grad"]
 

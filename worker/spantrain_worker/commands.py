@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from spantrain_planner import contract
 from spantrain_planner.api import load_job, planner_inputs
-from spantrain_planner.cluster import ClusterSpec, Topology, load_cluster, resolve
-from spantrain_planner.plan import Plan
-from spantrain_planner.report import plan_table
-from spantrain_planner.search import make_plan
+from spantrain_planner.cli.report import plan_table
+from spantrain_planner.core import contract
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, load_cluster, resolve
+from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.search import make_plan
 
 from . import checkpoint, launch
 from .emulation import emulation_for
@@ -174,8 +174,8 @@ class _Follower:
 
 def draw_measured_timeline(plan: Plan, out: Path) -> Path | None:
     """Draw the recorded step of every rank with the planner's chart function."""
-    from spantrain_planner.chart import draw_timeline
-    from spantrain_planner.simulator import Interval
+    from spantrain_planner.cli.chart import draw_timeline
+    from spantrain_planner.evaluation.simulator import Interval
 
     actions = read_timelines(sorted(out.glob("timeline-rank*.json")))
     if not actions:
@@ -477,8 +477,8 @@ def add_profile_parser(subparsers: Any) -> None:
 def run_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from spantrain_planner.plan import API_VERSION
-    from spantrain_planner.profiles import preset_names
+    from spantrain_planner.inputs.plan import API_VERSION
+    from spantrain_planner.inputs.profiles import preset_names
 
     from .models import ModelError
     from .profiling import MATMUL_SIZE, measure_matmul_speed, profile_entrypoint, profile_preset

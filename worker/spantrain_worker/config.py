@@ -2,7 +2,7 @@
 
 Role: the boundary model of what a worker is told besides its plan. ``TrainingConfig`` mirrors
 the ``spec.training`` block of a SpanTrainJob (camelCase, unknown keys ignored so the API can
-grow); the environment (``WorkerEnv``) is defined in ``spantrain_planner.contract``, shared
+grow); the environment (``WorkerEnv``) is defined in ``spantrain_planner.core.contract``, shared
 with the operator that renders it.
 
 Pure (pydantic, PyYAML via the planner's loader). Must not import torch.distributed, kopf, the
@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from spantrain_planner import api
-from spantrain_planner.cluster import load_document
-from spantrain_planner.contract import WorkerEnv
-from spantrain_planner.plan import Plan
+from spantrain_planner.core.contract import WorkerEnv
+from spantrain_planner.inputs.cluster import load_document
+from spantrain_planner.inputs.plan import Plan
 
 __all__ = ["TrainingConfig", "WorkerEnv", "load_plan", "load_training"]
 

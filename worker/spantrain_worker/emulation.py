@@ -35,8 +35,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from spantrain_planner.cluster import Topology
-from spantrain_planner.plan import Plan
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.plan import Plan
 
 
 class _Model(BaseModel):

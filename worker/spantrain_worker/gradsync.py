@@ -10,7 +10,7 @@ runtime passes one bucket of every parameter and no hooks: one flat all-reduce w
 ``finish`` is called.
 
 * the plan's buckets, last layers first (the order a backward pass finishes them), about
-  25 MiB each (``spantrain_planner.plan.gradient_buckets``); the planner's simulator times
+  25 MiB each (``spantrain_planner.inputs.plan.gradient_buckets``); the planner's simulator times
   exactly these;
 * a parameter's gradient is final once it has been accumulated once per micro-batch: autograd
   accumulations are counted by post-accumulate-grad hooks, the deferred weight GEMMs of a

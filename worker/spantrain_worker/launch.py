@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spantrain_planner.contract import WorkerEnv, rendezvous_env
+from spantrain_planner.core.contract import WorkerEnv, rendezvous_env
 
 PR_SET_PDEATHSIG = 1
 

@@ -3,7 +3,7 @@
 Role: turn a plan's ``ModelRef`` (family + config, or ``module:function``) into the list of
 ``nn.Module`` layers the planner's profile describes, one module per profiled layer, plus the
 loss function and the dataset. The layer granularity is the planner's
-(``spantrain_planner.profiles``):
+(``spantrain_planner.inputs.profiles``):
 
   gpt:    [embed] + num_layers x [block] + [head]     head = final LayerNorm + LM projection
   resnet: [stem] + sum(stage_blocks) x [block] + [head]   head = avgpool + linear
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic.alias_generators import to_snake
 from torch import Tensor, nn
 
-from spantrain_planner.plan import ModelRef
+from spantrain_planner.inputs.plan import ModelRef
 
 from .data import Dataset, ImageDataset, LMDataset, SyntheticDataset
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from spantrain_planner.profiles import LayerProfile, ModelProfile
+from spantrain_planner.inputs.profiles import LayerProfile, ModelProfile
 
 from .models import LossFn, ModelError, call_entrypoint
 
@@ -290,8 +290,8 @@ def profile_preset(
     flops_per_second: float | None = None,
 ) -> Measurement:
     """Measure a built-in preset (the profile keeps its family, so the worker builds it)."""
-    from spantrain_planner.assemble import model_ref
-    from spantrain_planner.profiles import preset
+    from spantrain_planner.inputs.profiles import preset
+    from spantrain_planner.passes.assemble import model_ref
 
     from .models import build_model
 

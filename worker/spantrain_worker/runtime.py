@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spantrain_planner.plan import (
+from spantrain_planner.inputs.plan import (
     Plan,
     boundary_transfers,
     grad_bucket_problem,

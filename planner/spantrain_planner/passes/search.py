@@ -30,12 +30,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .assemble import StageLayout, assemble
-from .cluster import Topology
-from .errors import InfeasibleError, PlanTimeoutError, gib
-from .grouping import NetworkGroup, group_devices
-from .options import PlannerOptions
-from .partition import (
+from spantrain_planner.core.errors import InfeasibleError, PlanTimeoutError, gib
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.evaluation.simulator import (
+    DEFAULT_COST,
+    CostModel,
+    ProfileSums,
+    SimResult,
+    ring_allreduce_seconds,
+)
+from spantrain_planner.evaluation.validate import validate_plan
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.plan import ExcludedDevice, Plan, Schedule
+from spantrain_planner.inputs.profiles import ModelProfile
+from spantrain_planner.passes.assemble import StageLayout, assemble
+from spantrain_planner.passes.grouping import NetworkGroup, group_devices
+from spantrain_planner.passes.partition import (
     WINDOWED_DP_LAYERS,
     StageDevices,
     coarsen,
@@ -45,10 +55,6 @@ from .partition import (
     partition_layers,
     proportional_shares,
 )
-from .plan import ExcludedDevice, Plan, Schedule
-from .profiles import ModelProfile
-from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
-from .validate import validate_plan
 
 StageSets = tuple[tuple[tuple[int, ...], int], ...]  # (devices, network group) per stage
 #: Schedules from the most activation memory to the least, tried in this order as a probe.

@@ -27,8 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import InputError
-from .units import mbps_to_bytes_per_second, parse_bytes
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.core.units import mbps_to_bytes_per_second, parse_bytes
 
 Tier = Literal["cloud", "edge", "end"]
 

@@ -17,11 +17,16 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .assemble import StageLayout, boundary_seconds
-from .cluster import Topology
-from .errors import InputError
-from .profiles import LayerProfile, ModelProfile
-from .simulator import DEFAULT_COST, CostModel, ProfileSums, ring_allreduce_seconds
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.evaluation.simulator import (
+    DEFAULT_COST,
+    CostModel,
+    ProfileSums,
+    ring_allreduce_seconds,
+)
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.profiles import LayerProfile, ModelProfile
+from spantrain_planner.passes.assemble import StageLayout, boundary_seconds
 
 COARSE_LAYERS = 24  # the structure search runs on at most this many merged layers
 WINDOWED_DP_LAYERS = 128  # deeper models: the full-profile DP looks only near the merged cuts

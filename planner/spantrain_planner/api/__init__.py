@@ -1,7 +1,7 @@
 """The ``SpanTrainJob`` API (group ``spantrain.io``, version ``v1alpha1``, short name ``stj``).
 
 Role: the single source of truth for the custom resource. The CRD under ``crds/`` is generated
-from these models (``spantrain_planner.crd``), the operator parses every object it sees with
+from these models (``spantrain_planner.api.crd``), the operator parses every object it sees with
 them, and ``spantrain local`` reads a job manifest with them, so a field means the same thing
 everywhere. Field descriptions become ``kubectl explain`` text; ``x-kubernetes-validations``
 (CEL) rules attached here are enforced by the API server and mirrored by pydantic validators,
@@ -46,12 +46,12 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from . import contract
-from .cluster import load_document
-from .errors import InputError
-from .options import PlannerOptions, ScheduleChoice
-from .profiles import ModelProfile, build_profile, preset, preset_names
-from .units import QUANTITY, quantity_value
+from spantrain_planner.core import contract
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.core.options import PlannerOptions, ScheduleChoice
+from spantrain_planner.core.units import QUANTITY, quantity_value
+from spantrain_planner.inputs.cluster import load_document
+from spantrain_planner.inputs.profiles import ModelProfile, build_profile, preset, preset_names
 
 GROUP = "spantrain.io"
 VERSION = "v1alpha1"
@@ -1419,7 +1419,7 @@ def load_job(path: str | Path) -> SpanTrainJob:
 
 @dataclass(frozen=True)
 class PlannerInputs:
-    """What ``spantrain_planner.search.make_plan`` needs besides the topology."""
+    """What ``spantrain_planner.passes.search.make_plan`` needs besides the topology."""
 
     profile: ModelProfile
     options: PlannerOptions

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .plan import Plan
+from spantrain_planner.inputs.plan import Plan
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False) -> str:

@@ -24,9 +24,9 @@ import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .cluster import Device, Topology
-from .plan import Plan, StagePlan, boundary_transfers, parse_action
-from .profiles import ModelProfile
+from spantrain_planner.inputs.cluster import Device, Topology
+from spantrain_planner.inputs.plan import Plan, StagePlan, boundary_transfers, parse_action
+from spantrain_planner.inputs.profiles import ModelProfile
 
 #: AdamW: FLOP-equivalents per parameter, and how far below peak elementwise work runs.
 OPTIMIZER_FLOPS_PER_PARAM = 16.0

@@ -27,11 +27,20 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .assemble import StageLayout, assemble
-from .cluster import Device, Topology
-from .grouping import group_devices
-from .options import PlannerOptions
-from .partition import (
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.evaluation.simulator import (
+    DEFAULT_COST,
+    CostModel,
+    ProfileSums,
+    SimResult,
+    ring_allreduce_seconds,
+)
+from spantrain_planner.inputs.cluster import Device, Topology
+from spantrain_planner.inputs.plan import Plan, Schedule
+from spantrain_planner.inputs.profiles import ModelProfile
+from spantrain_planner.passes.assemble import StageLayout, assemble
+from spantrain_planner.passes.grouping import group_devices
+from spantrain_planner.passes.partition import (
     StageDevices,
     coarsen,
     divisors,
@@ -40,9 +49,6 @@ from .partition import (
     microbatch_candidates,
     partition_layers,
 )
-from .plan import Plan, Schedule
-from .profiles import ModelProfile
-from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult, ring_allreduce_seconds
 
 Scored = tuple[Plan, SimResult]
 

@@ -13,13 +13,13 @@ import sys
 import time
 from typing import Any
 
-from .baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
-from .cluster import load_cluster, resolve
-from .options import SCHEDULE_CHOICES, PlannerOptions
-from .plan import Plan
-from .profiles import get_profile, preset_names
-from .report import baseline_table, plan_table
-from .search import search
+from spantrain_planner.cli.report import baseline_table, plan_table
+from spantrain_planner.core.options import SCHEDULE_CHOICES, PlannerOptions
+from spantrain_planner.inputs.cluster import load_cluster, resolve
+from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.inputs.profiles import get_profile, preset_names
+from spantrain_planner.passes.baselines import ALL, BEST_GROUP, GENERAL, HYBRID, run_baselines
+from spantrain_planner.passes.search import search
 
 
 def add_plan_parser(sub: Any) -> None:
@@ -76,8 +76,8 @@ def run_plan(args: argparse.Namespace) -> int:
         with open(args.output, "w") as fh:
             fh.write(plan.to_json() + "\n")
     if args.chart:
-        from .chart import draw_timeline
-        from .simulator import simulate
+        from spantrain_planner.cli.chart import draw_timeline
+        from spantrain_planner.evaluation.simulator import simulate
 
         draw_timeline(
             simulate(plan, topology, profile, record=True).intervals,
@@ -136,7 +136,7 @@ def add_crd_parser(sub: Any) -> None:
 
 
 def run_crd(args: argparse.Namespace) -> int:
-    from .crd import render_crd_yaml
+    from spantrain_planner.api.crd import render_crd_yaml
 
     sys.stdout.write(render_crd_yaml())
     return 0

@@ -15,16 +15,16 @@ import itertools
 import random
 from collections.abc import Iterator
 
-from .assemble import StageLayout, assemble
-from .cluster import Topology
-from .errors import InfeasibleError
-from .options import PlannerOptions
-from .partition import microbatch_candidates, proportional_shares
-from .plan import Plan, Schedule
-from .profiles import ModelProfile
-from .randomcase import random_cluster, random_profile
-from .search import search
-from .simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult
+from spantrain_planner.core.errors import InfeasibleError
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.evaluation.simulator import DEFAULT_COST, CostModel, ProfileSums, SimResult
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.plan import Plan, Schedule
+from spantrain_planner.inputs.profiles import ModelProfile
+from spantrain_planner.passes.assemble import StageLayout, assemble
+from spantrain_planner.passes.partition import microbatch_candidates, proportional_shares
+from spantrain_planner.passes.randomcase import random_cluster, random_profile
+from spantrain_planner.passes.search import search
 
 
 def ordered_set_partitions(items: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:

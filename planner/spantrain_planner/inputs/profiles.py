@@ -25,8 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel, to_snake
 
-from .cluster import load_document
-from .errors import InputError
+from spantrain_planner.core.errors import InputError
+from spantrain_planner.inputs.cluster import load_document
 
 
 class _Model(BaseModel):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cluster import Topology
+from spantrain_planner.inputs.cluster import Topology
 
 
 @dataclass(frozen=True)

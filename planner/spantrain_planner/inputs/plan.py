@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from .options import SCHEDULES, Schedule
+from spantrain_planner.core.options import SCHEDULES, Schedule
 
 __all__ = ["SCHEDULES", "Schedule"]  # re-exported: plans name their schedule
 

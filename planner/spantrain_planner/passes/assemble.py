@@ -12,8 +12,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .cluster import Topology
-from .plan import (
+from spantrain_planner.evaluation.simulator import (
+    DEFAULT_COST,
+    CostModel,
+    ProfileSums,
+    SimResult,
+    action_seconds,
+    ring_allreduce_seconds,
+    simulate,
+    static_memory_bytes,
+)
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.plan import (
     DeviceAssignment,
     DeviceUtilization,
     ExcludedDevice,
@@ -25,17 +35,12 @@ from .plan import (
     StagePrediction,
     gradient_buckets,
 )
-from .profiles import ModelProfile
-from .schedules import StageCost, fuse_backward, static_schedule, zero_bubble
-from .simulator import (
-    DEFAULT_COST,
-    CostModel,
-    ProfileSums,
-    SimResult,
-    action_seconds,
-    ring_allreduce_seconds,
-    simulate,
-    static_memory_bytes,
+from spantrain_planner.inputs.profiles import ModelProfile
+from spantrain_planner.passes.schedules import (
+    StageCost,
+    fuse_backward,
+    static_schedule,
+    zero_bubble,
 )
 
 

@@ -12,11 +12,11 @@ Pure: planner modules only.
 
 from __future__ import annotations
 
-from .cluster import Topology
-from .errors import InfeasibleError, PlanningError, gib
-from .plan import Plan, grad_bucket_problem, parse_action
-from .profiles import ModelProfile
-from .simulator import SimResult
+from spantrain_planner.core.errors import InfeasibleError, PlanningError, gib
+from spantrain_planner.evaluation.simulator import SimResult
+from spantrain_planner.inputs.cluster import Topology
+from spantrain_planner.inputs.plan import Plan, grad_bucket_problem, parse_action
+from spantrain_planner.inputs.profiles import ModelProfile
 
 
 class PlanValidationError(PlanningError):

@@ -5,7 +5,7 @@ register under the ``spantrain.commands`` entry-point group as a function
 ``add_parser(subparsers) -> None`` that adds an ``argparse`` sub-parser and sets
 ``func=<callable(args) -> int>``; so the planner's dispatcher never imports the worker or
 the operator, and a planner-only install simply lacks their commands. The planner's own
-commands (``plan``, ``crd``) live in ``spantrain_planner.commands``.
+commands (``plan``, ``crd``) live in ``spantrain_planner.cli.commands``.
 
 Must not import torch, kopf or a Kubernetes client.
 """
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from . import __version__
-from .errors import PlanningError
+from spantrain_planner import __version__
+from spantrain_planner.core.errors import PlanningError
 
 
 def build_parser() -> argparse.ArgumentParser:

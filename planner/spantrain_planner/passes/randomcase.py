@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from .cluster import ClusterSpec, Topology, resolve
-from .profiles import LayerProfile, ModelProfile
+from spantrain_planner.inputs.cluster import ClusterSpec, Topology, resolve
+from spantrain_planner.inputs.profiles import LayerProfile, ModelProfile
 
 
 def random_cluster(rng: random.Random, num_devices: int) -> Topology:
