@@ -242,6 +242,21 @@ class _StepClock:
     received: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class _StepState:
+    """What one ``train_step`` carries between its actions."""
+
+    step: int
+    record: bool
+    clock: _StepClock
+    acts: dict[int, list[_Pending]]  # micro-batch -> pending receives of its activations
+    grads: dict[int, list[_Pending]]  # micro-batch -> pending receives of its gradients
+    scale: float  # this rank's rows / global batch: the loss weight of its samples
+    sends: list[Any] = field(default_factory=list)
+    saved: dict[int, tuple[Tensor | None, Tensor]] = field(default_factory=dict)
+    loss_sum: float = 0.0
+
+
 class StageTrainer:
     """Executes one rank's share of the plan, step after step."""
 
@@ -418,121 +433,28 @@ class StageTrainer:
         return x
 
     def train_step(self, step: int) -> StepStats:
+        """One optimizer step: the rank's actions in plan order, then the gradient sync, the
+        global norm and loss, and the update."""
         role = self.role
         t_start = time.perf_counter()
-        record = step in self.record_steps
         clock = _StepClock()
         acts, grads = self._post_receives(clock)
-        sends: list[Any] = []
-        saved: dict[int, tuple[Tensor | None, Tensor]] = {}
-        loss_sum = 0.0
-        scale = role.num_rows / role.global_batch
+        st = _StepState(step=step, record=step in self.record_steps, clock=clock, acts=acts,
+                        grads=grads, scale=role.num_rows / role.global_batch)
         for action in role.actions:
             kind, m = parse_action(action)
-            w0 = time.time()
             if kind == "F":
-                if role.is_first:
-                    assert self.dataset is not None
-                    x, _ = self.dataset.batch(step, role.sample_indices(m))
-                    x = x.to(self.device)
-                    if x.is_floating_point():
-                        x = x.to(self.dtype)
-                    x_in: Tensor | None = None
-                else:
-                    x = self._wait(acts[m], clock)
-                    x.requires_grad_(True)
-                    x_in = x
-                w0 = time.time()  # timeline bars start after the wait for inputs
-                t0 = time.perf_counter()
-                c0 = time.thread_time()
-                with self.split.record(m if m in self.split_microbatches else None), \
-                        torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    out = self._run_layers(x)
-                if out.dtype != self.dtype:
-                    out = out.to(self.dtype)  # boundaries and the loss use the master dtype
-                if role.is_last:
-                    assert self.dataset is not None
-                    _, labels = self.dataset.batch(step, role.sample_indices(m))
-                    loss = self.loss_fn(out, labels.to(self.device)) * scale
-                    loss_sum += float(loss.detach())
-                    out = loss
-                elapsed = time.perf_counter() - t0
-                cpu = time.thread_time() - c0
-                for peer in role.downstream:
-                    lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
-                    self._send(out[lo:hi], peer.rank, m, sends, clock)
-                saved[m] = (x_in, out)
+                w0, elapsed, cpu = self._forward(st, m)
             elif kind == "W":
-                t0 = time.perf_counter()
-                c0 = time.thread_time()
-                self.split.flush(m)
-                elapsed = time.perf_counter() - t0
-                cpu = time.thread_time() - c0
+                w0, elapsed, cpu = self._weight_gradients(m)
             else:  # B or BW
-                x_in, out = saved.pop(m)
-                grad_out = None if role.is_last else self._wait(grads[m], clock)
-                w0 = time.time()
-                t0 = time.perf_counter()
-                c0 = time.thread_time()
-                if kind == "B" and m in self.split_microbatches:
-                    wanted = ([x_in] if x_in is not None else []) + self.b_inputs
-                    with self.split.defer(m):
-                        torch.autograd.backward(out, grad_out, inputs=wanted)
-                else:
-                    torch.autograd.backward(out, grad_out)
-                elapsed = time.perf_counter() - t0
-                cpu = time.thread_time() - c0
-                if x_in is not None:
-                    assert x_in.grad is not None
-                    for peer in role.upstream:
-                        lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
-                        self._send(x_in.grad[lo:hi], peer.rank, m, sends, clock)
+                w0, elapsed, cpu = self._backward(st, kind, m)
             clock.compute += elapsed
             self.emulator.pad_compute(elapsed, cpu)
-            if record:
+            if st.record:
                 self.timeline.add(step, kind, m, w0, time.time())
-        # gradient sync, global norm and loss
-        t0 = time.perf_counter()
-        w0 = time.time()
-        for work, _ in sends:
-            work.wait()
-        if self.grad_sync is not None:
-            self.emulator.pad_allreduce(self.grad_sync.finish())
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.grad_hook is not None and role.replica == 0:
-            self.grad_hook(step, {n: p.grad.detach().clone() for n, p in self.named_params
-                                  if p.grad is not None})
-        sq = 0.0
-        if role.replica == 0 and self.params:
-            norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
-            sq = float(torch.stack(norms).double().pow(2).sum())
-        reduced = torch.tensor([sq, loss_sum], dtype=torch.float64, device=self.device)
-        self.comm.all_reduce_world(reduced)
-        total_norm = math.sqrt(float(reduced[0]))
-        loss_value = float(reduced[1])
-        clock.communication += time.perf_counter() - t0
-        if record:
-            self.timeline.add(step, "AR", -1, w0, time.time())
-        t0 = time.perf_counter()
-        c0 = time.thread_time()
-        w0 = time.time()
-        coef = clip_coefficient(total_norm, self.cfg.grad_clip_norm)
-        lr = learning_rate(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if coef < 1.0:
-            for p in self.params:
-                assert p.grad is not None
-                p.grad.mul_(coef)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
-        clock.compute += elapsed
-        self.emulator.pad_compute(elapsed, time.thread_time() - c0)
-        if record:
-            self.timeline.add(step, "OPT", -1, w0, time.time())
+        total_norm, loss_value = self._reduce_gradients(st)
+        lr = self._update(st, total_norm)
         step_seconds = time.perf_counter() - t_start
         self.last_bytes = (clock.sent, clock.received)
         return StepStats(
@@ -542,3 +464,123 @@ class StageTrainer:
             samples_per_second=role.global_batch / step_seconds if step_seconds else 0.0,
             grad_norm=total_norm, learning_rate=lr,
         )
+
+    def _forward(self, st: _StepState, m: int) -> tuple[float, float, float]:
+        """F of micro-batch ``m``: input (data or the upstream boundary), this stage's layers,
+        the loss on the last stage, the output sent downstream. Returns (wall start, seconds,
+        CPU seconds) of the compute alone, after the wait for inputs."""
+        role = self.role
+        if role.is_first:
+            assert self.dataset is not None
+            x, _ = self.dataset.batch(st.step, role.sample_indices(m))
+            x = x.to(self.device)
+            if x.is_floating_point():
+                x = x.to(self.dtype)
+            x_in: Tensor | None = None
+        else:
+            x = self._wait(st.acts[m], st.clock)
+            x.requires_grad_(True)
+            x_in = x
+        w0 = time.time()  # timeline bars start after the wait for inputs
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        with self.split.record(m if m in self.split_microbatches else None), \
+                torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            out = self._run_layers(x)
+        if out.dtype != self.dtype:
+            out = out.to(self.dtype)  # boundaries and the loss use the master dtype
+        if role.is_last:
+            assert self.dataset is not None
+            _, labels = self.dataset.batch(st.step, role.sample_indices(m))
+            loss = self.loss_fn(out, labels.to(self.device)) * st.scale
+            st.loss_sum += float(loss.detach())
+            out = loss
+        elapsed = time.perf_counter() - t0
+        cpu = time.thread_time() - c0
+        for peer in role.downstream:
+            lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
+            self._send(out[lo:hi], peer.rank, m, st.sends, st.clock)
+        st.saved[m] = (x_in, out)
+        return w0, elapsed, cpu
+
+    def _weight_gradients(self, m: int) -> tuple[float, float, float]:
+        """W of micro-batch ``m`` (zero-bubble schedules): the deferred weight gradients."""
+        w0 = time.time()
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        self.split.flush(m)
+        return w0, time.perf_counter() - t0, time.thread_time() - c0
+
+    def _backward(self, st: _StepState, kind: str, m: int) -> tuple[float, float, float]:
+        """B (input gradients only, weights deferred to W) or BW of micro-batch ``m``; the
+        input gradient is sent upstream."""
+        role = self.role
+        x_in, out = st.saved.pop(m)
+        grad_out = None if role.is_last else self._wait(st.grads[m], st.clock)
+        w0 = time.time()
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        if kind == "B" and m in self.split_microbatches:
+            wanted = ([x_in] if x_in is not None else []) + self.b_inputs
+            with self.split.defer(m):
+                torch.autograd.backward(out, grad_out, inputs=wanted)
+        else:
+            torch.autograd.backward(out, grad_out)
+        elapsed = time.perf_counter() - t0
+        cpu = time.thread_time() - c0
+        if x_in is not None:
+            assert x_in.grad is not None
+            for peer in role.upstream:
+                lo, hi = peer.row_start - role.row_start, peer.row_end - role.row_start
+                self._send(x_in.grad[lo:hi], peer.rank, m, st.sends, st.clock)
+        return w0, elapsed, cpu
+
+    def _reduce_gradients(self, st: _StepState) -> tuple[float, float]:
+        """Finish the sends and the stage's gradient all-reduce; the global gradient norm and
+        the step's loss, summed over the world (each counted once: replica 0's norm)."""
+        role = self.role
+        t0 = time.perf_counter()
+        w0 = time.time()
+        for work, _ in st.sends:
+            work.wait()
+        if self.grad_sync is not None:
+            self.emulator.pad_allreduce(self.grad_sync.finish())
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.grad_hook is not None and role.replica == 0:
+            self.grad_hook(st.step, {n: p.grad.detach().clone() for n, p in self.named_params
+                                     if p.grad is not None})
+        sq = 0.0
+        if role.replica == 0 and self.params:
+            norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+            sq = float(torch.stack(norms).double().pow(2).sum())
+        reduced = torch.tensor([sq, st.loss_sum], dtype=torch.float64, device=self.device)
+        self.comm.all_reduce_world(reduced)
+        st.clock.communication += time.perf_counter() - t0
+        if st.record:
+            self.timeline.add(st.step, "AR", -1, w0, time.time())
+        return math.sqrt(float(reduced[0])), float(reduced[1])
+
+    def _update(self, st: _StepState, total_norm: float) -> float:
+        """Clip by the global norm, set the scheduled learning rate, step the optimizer;
+        returns the learning rate."""
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        w0 = time.time()
+        coef = clip_coefficient(total_norm, self.cfg.grad_clip_norm)
+        lr = learning_rate(st.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if coef < 1.0:
+            for p in self.params:
+                assert p.grad is not None
+                p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        st.clock.compute += elapsed
+        self.emulator.pad_compute(elapsed, time.thread_time() - c0)
+        if st.record:
+            self.timeline.add(st.step, "OPT", -1, w0, time.time())
+        return lr
