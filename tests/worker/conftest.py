@@ -65,10 +65,12 @@ def write_training(directory: Path, **overrides: object) -> Path:
 def run_plan(
     plan: Plan, directory: Path, training: Path, *, timeout: float = 180.0,
     checkpoint_dir: Path | None = None, extra_env: dict[str, str] | None = None,
+    emulation: Path | None = None,
 ) -> launch.LocalJob:
     plan_path = write_plan(plan, directory)
     job = launch.start(plan_path, plan.world_size, directory / "out", training_path=training,
-                       checkpoint_dir=checkpoint_dir, extra_env=extra_env)
+                       checkpoint_dir=checkpoint_dir, extra_env=extra_env,
+                       emulation_path=emulation)
     codes = job.wait(timeout)
     assert codes == [0] * plan.world_size, job.logs()[-6000:]
     return job

@@ -270,9 +270,18 @@ class Comm:
                 if rank in (d.rank for d in stage.devices):
                     self.stage_group = group
         self._channels: dict[tuple[int, int], dist.ProcessGroup] = {}
+        self._made: set[tuple[int, int]] = set()
+        self.add_channels(plan)
+
+    def add_channels(self, plan: Plan) -> None:
+        """The channels ``plan`` needs that do not exist yet (a re-balanced plan may pair
+        other ranks). Collective: every rank calls it with the same plan."""
         for ch in plan_channels(plan):
+            if (ch.src, ch.dst) in self._made:
+                continue
+            self._made.add((ch.src, ch.dst))
             group = dist.new_group([ch.src, ch.dst])
-            if rank in (ch.src, ch.dst):
+            if self.rank in (ch.src, ch.dst):
                 self._channels[(ch.src, ch.dst)] = group
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> dist.Work:

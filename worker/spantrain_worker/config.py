@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 from spantrain_planner import api
 from spantrain_planner.core.contract import WorkerEnv
+from spantrain_planner.core.options import AdaptMode
 from spantrain_planner.inputs.cluster import load_document
 from spantrain_planner.inputs.plan import Plan
 
@@ -58,6 +59,8 @@ class TrainingConfig(_Model):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     log_interval_steps: int = Field(10, ge=1)
+    adapt: AdaptMode = Field(
+        "off", description="The dynamic adapter (a job's spec.planner.adapt; off outside a job).")
 
 
 def load_training(path: str | Path | None) -> TrainingConfig:
@@ -74,7 +77,9 @@ def load_training(path: str | Path | None) -> TrainingConfig:
     spec = doc.get("spec") if "spec" in doc else (doc if "model" in doc else None)
     if isinstance(spec, dict):
         block = api.TrainingSpec.model_validate(spec.get("training") or {})
-        return TrainingConfig.model_validate(block.model_dump(mode="json", by_alias=True))
+        planner = api.PlannerSpec.model_validate(spec.get("planner") or {})
+        return TrainingConfig.model_validate(
+            {**block.model_dump(mode="json", by_alias=True), "adapt": planner.adapt})
     if isinstance(doc.get("training"), dict):
         doc = doc["training"]
     return TrainingConfig.model_validate(doc)

@@ -126,15 +126,20 @@ class Emulator:
         self.links_enabled = bool(emulation.links)
         self._channel_free: dict[int, float] = {}
 
-    def pad_compute(self, elapsed: float, cpu: float | None = None) -> None:
+    def pad_compute(self, elapsed: float, cpu: float | None = None) -> float:
         """After an action of ``elapsed`` wall and ``cpu`` thread-CPU seconds: the slowdown's
-        sleep, or (testbed) the wait that makes it last ``cpu / pace_cores`` at least."""
+        sleep, or (testbed) the wait that makes it last ``cpu / pace_cores`` at least.
+        Returns the seconds added (part of the emulated device's compute time)."""
+        t0 = time.perf_counter()
         if self.slowdown > 1.0:
             time.sleep(elapsed * (self.slowdown - 1.0))
         elif self.spec.pace_cores is not None and cpu is not None:
             short = cpu / self.spec.pace_cores - elapsed
             if short > 0:
                 time.sleep(short)
+        else:
+            return 0.0
+        return time.perf_counter() - t0
 
     def arrival(self, src: int, sent_at: float, num_bytes: int) -> float:
         """Wall-clock time a message from ``src`` would land (advances the channel clock)."""

@@ -15,6 +15,8 @@ process and serves it on ``WorkerEnv.metrics_port``:
   spantrain_worker_sent_bytes_total{peer}, spantrain_worker_received_bytes_total{peer}
   spantrain_worker_loss                    global mean training loss of the last step
   spantrain_worker_step                    last completed step
+  spantrain_worker_adaptations_total{kind}  adaptations taken (``rebalance``)
+  spantrain_worker_adaptation_gain         predicted step-time gain of the last adaptation
 
 All carry ``spantrain_namespace`` and ``spantrain_job`` (the SpanTrainJob; not ``job`` and
 ``namespace``, which Prometheus scrape configs set as target labels and would rename to
@@ -130,8 +132,19 @@ class WorkerMetrics:
             "spantrain_worker_received_bytes", "Bytes received from a peer rank.",
             [*names, "peer"], registry=self.registry,
         )
+        self._adaptations = Counter(
+            "spantrain_worker_adaptations", "Adaptations of the running plan, by kind.",
+            [*names, "kind"], registry=self.registry,
+        )
+        self.adaptation_gain = gauge(
+            "spantrain_worker_adaptation_gain",
+            "Predicted step-time gain (old/new - 1) of the last adaptation.")
         if port:
             start_http_server(port, registry=self.registry)
+
+    def adapted(self, kind: str, gain: float) -> None:
+        self._adaptations.labels(**self._labels, kind=kind).inc()
+        self.adaptation_gain.set(gain)
 
     def add_bytes(self, sent: dict[int, int], received: dict[int, int]) -> None:
         for peer, n in sent.items():

@@ -342,6 +342,25 @@ class StageTrainer:
         self.grad_hook: Callable[[int, dict[str, Tensor]], None] | None = None
         self.last_bytes: tuple[dict[int, int], dict[int, int]] = ({}, {})
 
+    def adopt(self, plan: Plan) -> None:
+        """Take a re-balanced plan in place, between two steps that every rank agrees on.
+
+        Same stages, layers, devices, micro-batches and actions; only the rows each device
+        holds of a micro-batch change. No weights or optimizer state move, the gradients stay
+        exact (each stage still sums over the same samples), and channels the new row ranges
+        need are created (a collective: every rank adopts the same plan at the same step).
+        """
+        role = stage_role(plan, self.role.rank)
+        old = self.role
+        same = (role.layer_start, role.layer_end, role.stage_ranks, role.actions,
+                role.num_microbatches, role.global_batch)
+        if same != (old.layer_start, old.layer_end, old.stage_ranks, old.actions,
+                    old.num_microbatches, old.global_batch):
+            raise PlanError("adopt: only the shares inside stages may change in place; "
+                            "layers, devices, micro-batches and schedule need a restart")
+        self.comm.add_channels(plan)
+        self.plan, self.role = plan, role
+
     def _reduce_stage(self, tensor: Tensor) -> None:
         """Sum ``tensor`` in place over this rank's stage (blocking; BatchNorm statistics)."""
         work = self.comm.all_reduce_stage_async(tensor)
@@ -449,8 +468,8 @@ class StageTrainer:
                 w0, elapsed, cpu = self._weight_gradients(m)
             else:  # B or BW
                 w0, elapsed, cpu = self._backward(st, kind, m)
-            clock.compute += elapsed
-            self.emulator.pad_compute(elapsed, cpu)
+            # an emulated device's pacing is part of its compute time
+            clock.compute += elapsed + self.emulator.pad_compute(elapsed, cpu)
             if st.record:
                 self.timeline.add(step, kind, m, w0, time.time())
         total_norm, loss_value = self._reduce_gradients(st)
@@ -579,8 +598,7 @@ class StageTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        st.clock.compute += elapsed
-        self.emulator.pad_compute(elapsed, time.thread_time() - c0)
+        st.clock.compute += elapsed + self.emulator.pad_compute(elapsed, time.thread_time() - c0)
         if st.record:
             self.timeline.add(st.step, "OPT", -1, w0, time.time())
         return lr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter import Adapter
 from .comm import (
     Comm,
     RendezvousEnv,
@@ -90,7 +91,7 @@ def run(env: dict[str, str] | None = None) -> int:
         device=next(d.device_id for st in plan.stages for d in st.devices
                     if d.rank == renv.rank),
     )
-    rank_samples = role.num_rows * plan.num_microbatches
+    adapter = Adapter(trainer, cfg.adapt, start_step=trainer.start_step, out_dir=out)
     trainer.record_steps = _timeline_steps(wenv.timeline_steps, trainer.start_step, cfg.steps)
     log_event(log, "start", world=plan.world_size, backend=backend, device=str(device),
               layers=f"{role.layer_start}-{role.layer_end - 1}",
@@ -99,8 +100,14 @@ def run(env: dict[str, str] | None = None) -> int:
     interval = cfg.checkpoint.interval_steps
     for step in range(trainer.start_step, cfg.steps):
         stats = trainer.train_step(step)
-        metrics.observe(stats, rank_samples)
+        metrics.observe(stats, trainer.role.num_rows * trainer.role.num_microbatches)
         metrics.add_bytes(*trainer.last_bytes)
+        taken = adapter.after_step(step, stats)
+        if taken is not None:
+            metrics.adapted("rebalance", taken.gain)
+            log_event(log, "rebalanced", step=step + 1, gain=round(taken.gain, 3),
+                      rows=f"{trainer.role.row_start}-{trainer.role.row_end - 1}",
+                      shares=",".join(f"{r}:{n}" for r, n in sorted(taken.new_shares.items())))
         if out is not None and renv.rank == 0:
             with (out / "losses.jsonl").open("a") as fh:
                 fh.write(json.dumps({

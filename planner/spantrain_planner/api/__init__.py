@@ -48,7 +48,12 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from spantrain_planner.core import contract
 from spantrain_planner.core.errors import InputError
-from spantrain_planner.core.options import PlannerOptions, ScheduleChoice
+from spantrain_planner.core.options import (
+    DEFAULT_ADAPT,
+    AdaptMode,
+    PlannerOptions,
+    ScheduleChoice,
+)
 from spantrain_planner.core.units import QUANTITY, quantity_value
 from spantrain_planner.inputs.cluster import load_document
 from spantrain_planner.inputs.profiles import ModelProfile, build_profile, preset, preset_names
@@ -657,6 +662,13 @@ class PlannerSpec(_Spec):
     compute_tolerance: float = _option("compute_tolerance")
     allow_exclusion: bool = _option("allow_exclusion")
     max_stages: int | None = _option("max_stages")
+    adapt: AdaptMode = Field(
+        DEFAULT_ADAPT,
+        description="While the job runs: `off`; `rebalance` (when a device's measured speed "
+        "departs from the plan's for a sustained window, re-balance sample shares inside its "
+        "stage in place, no restart); `replan` (also re-plan layers through the checkpoint "
+        "when the predicted gain pays for the restart).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1469,7 +1481,7 @@ def model_profile(spec: SpanTrainJobSpec) -> ModelProfile:
 
 def planner_options(spec: SpanTrainJobSpec) -> PlannerOptions:
     """``PlannerOptions`` of a spec: the planner block plus training.globalBatch."""
-    knobs = spec.planner.model_dump(exclude_none=True)
+    knobs = spec.planner.model_dump(exclude_none=True, exclude={"adapt"})  # the worker's
     return PlannerOptions(global_batch=spec.training.global_batch, **knobs)
 
 

@@ -16,6 +16,12 @@ SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
 ScheduleChoice = Literal["auto", Schedule]
 SCHEDULE_CHOICES: tuple[str, ...] = ("auto", *SCHEDULES)
 
+#: What the dynamic adapter may do while a job runs (``spec.planner.adapt``): nothing;
+#: re-balance shares inside stages in place; or that and re-plan through a restart.
+AdaptMode = Literal["off", "rebalance", "replan"]
+ADAPT_MODES: tuple[AdaptMode, ...] = get_args(AdaptMode)
+DEFAULT_ADAPT: AdaptMode = "replan"
+
 
 class PlannerOptions(BaseModel):
     """How to plan: batch, schedule, micro-batches and grouping thresholds."""

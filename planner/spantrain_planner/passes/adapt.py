@@ -1,0 +1,200 @@
+"""The dynamic adapter's decisions: when a running plan no longer matches its devices, and the
+cheapest change that fixes it.
+
+Role: pure functions and one small state machine over what the workers measure. The worker
+(``spantrain_worker.adapter``) feeds it each rank's measured compute seconds per sample row,
+gathered the same way on every rank, so every rank takes the same decision at the same step
+and no rank has to tell the others what to do.
+
+What it decides (in order of cost, as in the paper's adapter):
+
+1. **Re-balance** the sample shares inside each stage so that the stage's devices finish their
+   micro-batch together again: shares in proportion to each device's measured speed
+   (``1 / seconds per row``), capped by its memory (a share's activations grow with it), and at
+   least one row each. No weights move and no process restarts; gradients stay exact (a stage
+   still sums its devices' gradients over the same samples).
+2. **Re-plan** (layers move: a restart through the plan-independent checkpoint) is the
+   operator's, not decided here; ``replan_pays`` is the rule it follows.
+
+Noise never triggers it: a proposal must promise a gain of at least ``threshold`` in the
+predicted step time (the slowest stage's compute) for ``sustain`` consecutive measurement
+windows, each the median over ``window`` steps; after an adaptation the next ``warmup`` steps
+are not measured (the cost of the change itself is not a departure). Once re-balanced, the
+devices of a stage finish together, so the same departure proposes nothing: no oscillation.
+
+Must not import torch, the worker, the operator or anything that does I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from spantrain_planner.inputs.plan import Plan, row_ranges
+
+
+@dataclass(frozen=True)
+class AdaptPolicy:
+    """Window, threshold and hysteresis of the adapter."""
+
+    window: int = 4  #: steps per measurement window (each rank's median over them)
+    threshold: float = 0.15  #: least predicted step-time gain worth a change (0.15 = 15 %)
+    sustain: int = 2  #: consecutive windows that must all propose a change
+    warmup: int = 2  #: steps not measured at the start and after an adaptation
+    max_growth: float = 2.0  #: share growth allowed where the plan does not give memory
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.sustain < 1 or self.warmup < 0:
+            raise ValueError("window and sustain must be >= 1 and warmup >= 0")
+        if not 0 < self.threshold < 10 or self.max_growth < 1:
+            raise ValueError("threshold must be in (0, 10) and max_growth >= 1")
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """A proposed re-balance and what it is predicted to bring."""
+
+    plan: Plan
+    gain: float  #: predicted step-time ratio old/new - 1 (the slowest stage's compute)
+    seconds_per_row: dict[int, float]  #: what was measured, per rank
+    old_shares: dict[int, int]  #: rank -> rows per micro-batch before
+    new_shares: dict[int, int]  #: and after
+    stage_seconds_before: list[float]  #: predicted compute seconds per micro-batch, per stage
+    stage_seconds_after: list[float]
+
+    def changed_ranks(self) -> list[int]:
+        return sorted(r for r, n in self.new_shares.items() if self.old_shares[r] != n)
+
+
+def balanced_shares(seconds_per_row: Sequence[float], total: int,
+                    caps: Sequence[int]) -> list[int] | None:
+    """Rows per device, at least one each and at most its cap, summing to ``total``, that
+    minimise the slowest device's time (rows x seconds per row); None when the caps cannot
+    hold ``total``.
+
+    One row at a time to the device that would finish it first: for identical rows on
+    devices of different speeds this greedy is optimal for the makespan. Ties go to the
+    earlier device, so every rank computes the same shares.
+    """
+    n = len(seconds_per_row)
+    if n == 0 or total < n or min(caps) < 1 or sum(min(c, total) for c in caps) < total:
+        return None
+    shares = [1] * n
+    heap = [((1 + 1) * t, i) for i, t in enumerate(seconds_per_row) if caps[i] > 1]
+    heapq.heapify(heap)
+    for _ in range(total - n):
+        _, i = heapq.heappop(heap)
+        shares[i] += 1
+        if shares[i] < caps[i]:
+            heapq.heappush(heap, ((shares[i] + 1) * seconds_per_row[i], i))
+    return shares
+
+
+def _memory_caps(plan: Plan) -> dict[str, float]:
+    """Device id -> the largest share growth its memory allows (peak scales with the share at
+    most: parameters and optimizer state do not grow, so this is conservative)."""
+    caps: dict[str, float] = {}
+    if plan.predicted is not None:
+        for d in plan.predicted.devices:
+            if d.peak_memory_bytes > 0 and d.memory_bytes > 0:
+                caps[d.device_id] = d.memory_bytes / d.peak_memory_bytes
+    return caps
+
+
+def rebalance(plan: Plan, seconds_per_row: Mapping[int, float],
+              policy: AdaptPolicy | None = None) -> Rebalance | None:
+    """Shares inside every stage in proportion to the measured speeds; None if nothing moves
+    (one-device stages, speeds already matched, or a rank not measured)."""
+    if any(not (seconds_per_row.get(d.rank, 0.0) > 0.0) for s in plan.stages for d in s.devices):
+        return None
+    policy = policy or AdaptPolicy()
+    caps = _memory_caps(plan)
+    stages = []
+    before: list[float] = []
+    after: list[float] = []
+    old: dict[int, int] = {}
+    new: dict[int, int] = {}
+    for stage in plan.stages:
+        shares = [d.microbatch_share for d in stage.devices]
+        t = [seconds_per_row[d.rank] for d in stage.devices]
+        proposed = shares
+        if len(shares) > 1:
+            limit = [max(s, math.floor(s * caps.get(d.device_id, policy.max_growth)))
+                     for s, d in zip(shares, stage.devices, strict=True)]
+            proposed = balanced_shares(t, sum(shares), limit) or shares
+        before.append(max(s * x for s, x in zip(shares, t, strict=True)))
+        after.append(max(s * x for s, x in zip(proposed, t, strict=True)))
+        for d, s0, s1 in zip(stage.devices, shares, proposed, strict=True):
+            old[d.rank], new[d.rank] = s0, s1
+        stages.append(stage.model_copy(update={"devices": [
+            d.model_copy(update={"microbatch_share": s})
+            for d, s in zip(stage.devices, proposed, strict=True)]}))
+    if new == old or max(after) <= 0:
+        return None
+    gain = max(before) / max(after) - 1.0
+    moved = plan.model_copy(update={"stages": stages, "predicted": plan.predicted})
+    return Rebalance(moved, gain, dict(seconds_per_row), old, new, before, after)
+
+
+@dataclass
+class Detector:
+    """Sustained departure, with hysteresis: ``observe`` every step, act on what it returns.
+
+    The caller gathers each rank's window median (the same numbers on every rank) when
+    ``due(step)`` says so and hands them to ``propose``; ``adopted(step)`` restarts the
+    measurement after a change.
+    """
+
+    policy: AdaptPolicy = field(default_factory=AdaptPolicy)
+    start: int = 0
+    streak: int = 0
+    _since: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._since = self.start + self.policy.warmup
+
+    def measuring(self, step: int) -> bool:
+        """Whether ``step``'s timing belongs to the current window."""
+        return step >= self._since
+
+    def due(self, step: int) -> bool:
+        """Whether a window ends with ``step`` (every rank gathers after this step)."""
+        done = step + 1 - self._since
+        return done > 0 and done % self.policy.window == 0
+
+    def propose(self, plan: Plan, seconds_per_row: Mapping[int, float]) -> Rebalance | None:
+        """The change to make now, if this window and the ones before it agree."""
+        proposal = rebalance(plan, seconds_per_row, self.policy)
+        if proposal is None or proposal.gain < self.policy.threshold:
+            self.streak = 0
+            return None
+        self.streak += 1
+        if self.streak < self.policy.sustain:
+            return None
+        self.streak = 0
+        return proposal
+
+    def adopted(self, step: int) -> None:
+        """A change took effect after ``step``: skip the warm-up, then measure afresh."""
+        self.streak = 0
+        self._since = step + 1 + self.policy.warmup
+
+
+def window_median(per_step: Sequence[float]) -> float:
+    """A window's figure: the median, which one disturbed step cannot move."""
+    return statistics.median(per_step) if per_step else 0.0
+
+
+def replan_pays(gain_seconds_per_step: float, remaining_steps: int,
+                restart_seconds: float) -> bool:
+    """Re-plan (move layers through a checkpoint and restart) only when the time it saves over
+    the remaining steps exceeds what the restart costs."""
+    return gain_seconds_per_step * remaining_steps > restart_seconds
+
+
+def row_share_table(plan: Plan) -> dict[int, tuple[int, int]]:
+    """rank -> its row range in every micro-batch (for logs and records)."""
+    return {d.rank: r for s in plan.stages for d, r in zip(s.devices, row_ranges(s), strict=True)}

@@ -1,0 +1,66 @@
+"""The adapter in real worker processes: a device slower than its plan assumes is given fewer
+rows, in place, at a step every rank agrees on; the step gets faster and training stays
+exactly single-process training (float64: the losses agree to summation order)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from spantrain_worker.baseline import PlainTrainer  # noqa: E402
+from spantrain_worker.config import load_training  # noqa: E402
+
+from .conftest import make_plan, read_losses, run_plan, write_training  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+STEPS = 24
+
+
+def _steps(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return {r["step"]: r["stepSeconds"] for r in rows}
+
+
+def test_a_slow_device_is_rebalanced_in_place_and_training_stays_exact(tmp_path: Path) -> None:
+    # stage 0 on ranks 0 and 1 with equal shares, but rank 1 runs 4x slower than planned
+    plan = make_plan("gpt-mini", [(0, 4, [4, 4]), (4, 8, [8])], schedule="1f1b",
+                     num_microbatches=2)
+    emulation = tmp_path / "emulation.json"
+    emulation.write_text(json.dumps({"slowdown": {"1": 4.0}}))
+    training = write_training(tmp_path, steps=STEPS, adapt="rebalance")
+    job = run_plan(plan, tmp_path, training, emulation=emulation)
+    out = tmp_path / "out"
+    records = [json.loads(x) for x in (out / "adaptations.jsonl").read_text().splitlines()]
+    assert len(records) == 1, records  # once, and never back and forth
+    taken = records[0]
+    assert taken["kind"] == "rebalance" and taken["gain"] > 0.5
+    assert taken["sharesBefore"] == {"0": 4, "1": 4, "2": 8}
+    after = taken["sharesAfter"]
+    assert after["0"] > 4 > after["1"] >= 1 and after["0"] + after["1"] == 8
+    assert "rebalanced" in job.logs()
+    # faster after than before (measured steps outside warm-up and the change itself)
+    seconds = _steps(out)
+    before = statistics.median(seconds[s] for s in range(3, taken["step"]))
+    later = statistics.median(seconds[s] for s in range(taken["step"] + 2, STEPS))
+    print(f"\nrebalance at step {taken['step']}: shares {taken['sharesBefore']} -> {after}; "
+          f"step {before:.3f} s -> {later:.3f} s ({before / later:.2f}x), predicted gain "
+          f"{taken['gain']:.2f}")
+    assert later < 0.8 * before
+    # exact: the same losses as one process over the whole batch
+    reference = PlainTrainer(plan.model, load_training(training), plan.global_batch)
+    expected = [reference.step(t) for t in range(STEPS)]
+    assert read_losses(out) == pytest.approx(expected, rel=1e-9)
+
+
+def test_devices_as_fast_as_planned_are_left_alone(tmp_path: Path) -> None:
+    plan = make_plan("gpt-mini", [(0, 4, [4, 4]), (4, 8, [8])], schedule="1f1b",
+                     num_microbatches=2)
+    training = write_training(tmp_path, steps=STEPS, adapt="rebalance")
+    run_plan(plan, tmp_path, training)
+    assert not (tmp_path / "out" / "adaptations.jsonl").exists()
