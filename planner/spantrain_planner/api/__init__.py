@@ -653,6 +653,10 @@ def _option(name: str) -> Any:
     return copy.copy(PlannerOptions.model_fields[name])
 
 
+#: ``spec.planner`` fields that steer the running job, not the planner's search.
+RUNTIME_PLANNER_FIELDS = frozenset({"adapt"})
+
+
 class PlannerSpec(_Spec):
     """Planner knobs (the same as `spantrain plan`'s); the global batch is training.globalBatch."""
 
@@ -1481,7 +1485,7 @@ def model_profile(spec: SpanTrainJobSpec) -> ModelProfile:
 
 def planner_options(spec: SpanTrainJobSpec) -> PlannerOptions:
     """``PlannerOptions`` of a spec: the planner block plus training.globalBatch."""
-    knobs = spec.planner.model_dump(exclude_none=True, exclude={"adapt"})  # the worker's
+    knobs = spec.planner.model_dump(exclude_none=True, exclude=set(RUNTIME_PLANNER_FIELDS))
     return PlannerOptions(global_batch=spec.training.global_batch, **knobs)
 
 
