@@ -339,7 +339,14 @@ def _observe(p: _Pass) -> None:
     elif status.get_condition(st["conditions"], Cond.DEGRADED) is not None:
         _cond(st, s, Cond.DEGRADED, False, Reason.NODES_READY, "every planned node is Ready")
     if s.report is not None and ready == plan.world_size:
+        before = (st.get("progress") or {}).get("samplesPerSecond")
         st["progress"] = status.progress_from_report(s.report, s.spec, now=s.now, plan=plan)
+        entries, adapted = status.adaptation_entries(
+            st.get("adaptations") or [], s.report, attempt=p.attempt, now=s.now,
+            measured_samples_per_second=before)
+        if adapted:
+            st["adaptations"] = entries
+            d.events.append(("Normal", Reason.REBALANCED, adapted))
     ratio = f"{ready}/{plan.world_size} workers ready"
     if ready == plan.world_size:
         running = f"all {ready} workers are running"

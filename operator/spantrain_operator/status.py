@@ -318,6 +318,9 @@ class WorkerReport:
     loss: float | None
     samples_per_second: float | None
     step_seconds: float | None  # mean wall time of a step in the worker process
+    adaptations: int = 0  # in-place adaptations of this attempt (the adapter's counter)
+    adaptation_gain: float | None = None  # predicted gain of the last one
+    adaptation_step: int | None = None  # first step trained under the last one
 
 
 def _first(samples: Mapping[str, list[Sample]], name: str) -> float | None:
@@ -338,12 +341,49 @@ def worker_report(text: str) -> WorkerReport | None:
         return None
     total = _first(samples, "spantrain_worker_step_seconds_sum")
     sps = _first(samples, "spantrain_worker_samples_per_second")
+    adapted = sum(v for _, v in samples.get("spantrain_worker_adaptations_total", [])
+                  if math.isfinite(v))
+    astep = _first(samples, "spantrain_worker_adaptation_step")
     return WorkerReport(
         steps_done=int(last) + 1,
         loss=_first(samples, "spantrain_worker_loss"),
         samples_per_second=sps if sps is not None and sps > 0 else None,
         step_seconds=total / count if total is not None and total > 0 else None,
+        adaptations=int(adapted),
+        adaptation_gain=_first(samples, "spantrain_worker_adaptation_gain") if adapted else None,
+        adaptation_step=int(astep) if adapted and astep is not None else None,
     )
+
+
+def adaptation_entries(
+    old: Sequence[Mapping[str, Any]], report: WorkerReport, *, attempt: int, now: datetime,
+    measured_samples_per_second: float | None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """``status.adaptations`` with what the report adds, and the event message for it (None
+    when nothing new): the workers' counter of this attempt against the entries recorded for
+    it; several seen at once become one entry with their count."""
+    seen = sum(int(a.get("count", 1)) for a in old if a.get("attempt") == attempt)
+    new = report.adaptations - seen
+    if new <= 0:
+        return [dict(a) for a in old], None
+    gain = report.adaptation_gain
+    entry: dict[str, Any] = {
+        "time": iso(now), "kind": "rebalance", "attempt": attempt,
+        "step": report.adaptation_step or 0, "count": new,
+        "reason": "measured device speeds departed from the plan's shares; shares inside "
+                  "stages re-balanced in place",
+    }
+    if gain is not None:
+        entry["predictedGain"] = round(gain, 4)
+    if measured_samples_per_second:
+        entry["measuredSamplesPerSecond"] = round(measured_samples_per_second, 3)
+        if gain is not None:
+            entry["predictedSamplesPerSecond"] = round(
+                measured_samples_per_second * (1 + gain), 3)
+    message = (f"re-balanced sample shares inside stages at step {entry['step']}"
+               + (f": predicted {100 * gain:.0f} % faster steps" if gain is not None else "")
+               + (f" ({new} adaptations)" if new > 1 else ""))
+    return [*(dict(a) for a in old), entry][-api.MAX_ADAPTATIONS:], message
 
 
 def metrics_target(

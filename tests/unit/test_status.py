@@ -321,6 +321,54 @@ def test_progress_lands_in_status_once_running() -> None:
     assert reconcile.decide(state(d.status, pods)).status["progress"] == prog
 
 
+def test_an_adaptation_lands_in_status_and_events_once() -> None:
+    pytest.importorskip("prometheus_client")  # the worker's extra writes the page
+    from prometheus_client import generate_latest
+
+    from spantrain_worker.metrics import StepStats, WorkerMetrics
+
+    st = planned()
+    d0 = reconcile.decide(state(st))
+    pods = [pod(p) for p in d0.create if p["kind"] == "Pod"]
+    running = reconcile.decide(state(d0.status, pods)).status
+    wm = WorkerMetrics("gpt", 0, 0, namespace="ml", device="cloud-0/gpu0")
+
+    def page_report(step: int) -> status.WorkerReport:
+        wm.observe(StepStats(step=step, loss=3.0, step_seconds=0.5, compute_seconds=0.3,
+                             communication_seconds=0.1, idle_seconds=0.1,
+                             samples_per_second=32.0, grad_norm=1.0, learning_rate=1e-3))
+        report = status.worker_report(generate_latest(wm.registry).decode())
+        assert report is not None
+        return report
+
+    def decide(st: dict, report: status.WorkerReport) -> reconcile.Decision:
+        s = state(st, pods)
+        return reconcile.decide(reconcile.JobState(**{**s.__dict__, "report": report}))
+
+    quiet = decide(running, page_report(10))
+    assert "adaptations" not in quiet.status
+    assert not [e for e in quiet.events if e[1] == api.Reason.REBALANCED]
+    wm.adapted("rebalance", 0.5, 12)
+    adapted = decide(quiet.status, page_report(12))
+    entry, = adapted.status["adaptations"]
+    assert entry == {"time": status.iso(NOW), "kind": "rebalance", "attempt": 0, "step": 12,
+                     "count": 1, "reason": entry["reason"], "predictedGain": 0.5,
+                     "measuredSamplesPerSecond": 32.0, "predictedSamplesPerSecond": 48.0}
+    (kind, reason, message), = [e for e in adapted.events if e[1] == api.Reason.REBALANCED]
+    assert kind == "Normal" and "step 12" in message and "50 %" in message
+    api.SpanTrainJobStatus.model_validate(adapted.status)
+    # the same counter on the next read: nothing new
+    again = decide(adapted.status, page_report(13))
+    assert again.status["adaptations"] == adapted.status["adaptations"]
+    assert not [e for e in again.events if e[1] == api.Reason.REBALANCED]
+    # two more between reads: one entry that says so
+    wm.adapted("rebalance", 0.2, 20)
+    wm.adapted("rebalance", 0.25, 24)
+    two = decide(again.status, page_report(25))
+    assert [a["count"] for a in two.status["adaptations"]] == [1, 2]
+    assert two.status["adaptations"][-1]["step"] == 24
+
+
 # a page as prometheus_client writes it (abridged), with the edge cases of the text format
 PAGE = r'''# HELP spantrain_worker_step_seconds Wall time of one training step.
 # TYPE spantrain_worker_step_seconds histogram

@@ -17,6 +17,7 @@ process and serves it on ``WorkerEnv.metrics_port``:
   spantrain_worker_step                    last completed step
   spantrain_worker_adaptations_total{kind}  adaptations taken (``rebalance``)
   spantrain_worker_adaptation_gain         predicted step-time gain of the last adaptation
+  spantrain_worker_adaptation_step         first step trained under the last adaptation
 
 All carry ``spantrain_namespace`` and ``spantrain_job`` (the SpanTrainJob; not ``job`` and
 ``namespace``, which Prometheus scrape configs set as target labels and would rename to
@@ -139,12 +140,15 @@ class WorkerMetrics:
         self.adaptation_gain = gauge(
             "spantrain_worker_adaptation_gain",
             "Predicted step-time gain (old/new - 1) of the last adaptation.")
+        self.adaptation_step = gauge(
+            "spantrain_worker_adaptation_step", "First step trained under the last adaptation.")
         if port:
             start_http_server(port, registry=self.registry)
 
-    def adapted(self, kind: str, gain: float) -> None:
+    def adapted(self, kind: str, gain: float, step: int) -> None:
         self._adaptations.labels(**self._labels, kind=kind).inc()
         self.adaptation_gain.set(gain)
+        self.adaptation_step.set(step)
 
     def add_bytes(self, sent: dict[int, int], received: dict[int, int]) -> None:
         for peer, n in sent.items():

@@ -104,7 +104,7 @@ def run(env: dict[str, str] | None = None) -> int:
         metrics.add_bytes(*trainer.last_bytes)
         taken = adapter.after_step(step, stats)
         if taken is not None:
-            metrics.adapted("rebalance", taken.gain)
+            metrics.adapted("rebalance", taken.gain, step + 1)
             log_event(log, "rebalanced", step=step + 1, gain=round(taken.gain, 3),
                       rows=f"{trainer.role.row_start}-{trainer.role.row_end - 1}",
                       shares=",".join(f"{r}:{n}" for r, n in sorted(taken.new_shares.items())))

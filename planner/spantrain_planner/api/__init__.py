@@ -1187,6 +1187,9 @@ class Reason(StrEnum):
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
     SUCCEEDED = "Succeeded"
+    # the dynamic adapter
+    REBALANCED = "Rebalanced"  # shares inside stages changed in place
+    REPLANNED = "Replanned"  # layers moved through a checkpoint and restart
     # nodes
     NODE_NOT_READY = "NodeNotReady"
     NODES_READY = "NodesReady"
@@ -1293,6 +1296,30 @@ class Progress(_Status):
     )
 
 
+#: Adaptations kept in a job's status (the newest).
+MAX_ADAPTATIONS = 20
+
+
+class Adaptation(_Status):
+    """One change the dynamic adapter made to the running plan."""
+
+    time: str = Field(json_schema_extra={"format": "date-time"},
+                      description="When the operator saw it.")
+    kind: Literal["rebalance", "replan"] = Field(
+        description="rebalance: sample shares inside stages, in place; replan: layers moved "
+        "through the checkpoint and a restart.")
+    attempt: int = Field(ge=0, description="Pod generation it happened in.")
+    step: int = Field(ge=0, description="First step trained under the change.")
+    count: int = Field(1, ge=1, description="Adaptations this entry stands for (seen at once).")
+    reason: str = Field(description="Why, in words.")
+    predicted_gain: float | None = Field(
+        None, description="Predicted step-time gain, old / new - 1, from the measured speeds.")
+    measured_samples_per_second: float | None = Field(
+        None, description="Throughput measured before the change.")
+    predicted_samples_per_second: float | None = Field(
+        None, description="Throughput predicted after it (measured x (1 + gain)).")
+
+
 class SpanTrainJobStatus(_Status):
     """Observed state of a SpanTrainJob, written by the operator."""
 
@@ -1338,6 +1365,12 @@ class SpanTrainJobStatus(_Status):
         None, json_schema_extra={"format": "date-time"}, description="When the job finished."
     )
     progress: Progress | None = None
+    adaptations: list[Adaptation] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTATIONS,
+        description=f"The dynamic adapter's changes to the running plan, oldest first (the "
+        f"last {MAX_ADAPTATIONS}).",
+    )
 
 
 JOB_NAME_RULE = Rule(
