@@ -159,8 +159,10 @@ def set_limits(instance: int, quotas: Sequence[CpuQuota], enforced: bool = True)
     budget of the parent group — e.g. while processes import torch, which at a tenth of a core
     takes a minute; the parent's quota still caps all devices together."""
     for q in quotas:
-        value = q.quota_us if enforced else -1
-        _write(device_group(instance, q.index) / "cpu.cfs_quota_us", str(value))
+        path = device_group(instance, q.index)
+        if enforced:  # a quota changed at run time may need another period (``CpuQuota``)
+            _write(path / "cpu.cfs_period_us", str(q.period_us))
+        _write(path / "cpu.cfs_quota_us", str(q.quota_us if enforced else -1))
 
 
 def procs_files(instance: int, index: int) -> tuple[Path, Path]:

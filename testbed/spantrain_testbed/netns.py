@@ -351,6 +351,29 @@ def shaping_commands(shaping: Shaping) -> list[list[str]]:
     return cmds
 
 
+def rate_commands(shaping: Shaping, factor: float) -> list[list[str]]:
+    """``tc`` command lines that set every token bucket of an interface to ``factor`` times its
+    planned rate while traffic flows (pure): the adapter benchmark throttles and jitters
+    links of a running job with them."""
+    tc, dev = _tc(shaping), shaping.interface
+    cmds: list[list[str]] = []
+    for cls in shaping.classes:
+        bits = max(8_000, round(cls.bits_per_second * factor))
+        scaled = replace(cls, bits_per_second=bits)
+        # never a smaller bucket or queue than set up: the routes' MTUs were chosen for the
+        # planned rate, and a packet larger than the bucket would never leave
+        burst = max(scaled.burst_bytes, cls.burst_bytes)
+        if shaping.kind == "tbf":
+            cmds.append([*tc, "qdisc", "change", "dev", dev, "root", "tbf", "rate", f"{bits}bit",
+                         "burst", str(burst),
+                         "limit", str(max(scaled.queue_bytes, cls.queue_bytes))])
+        else:
+            cmds.append([*tc, "class", "change", "dev", dev, "parent", "1:", "classid",
+                         f"1:{cls.minor:x}", "htb", "rate", f"{bits}bit", "ceil", f"{bits}bit",
+                         "burst", str(burst), "cburst", str(burst), "quantum", str(HTB_QUANTUM)])
+    return cmds
+
+
 def setup_commands(plan: NetPlan) -> list[list[str]]:
     """Every command that builds the instance, in order (pure)."""
     # every interface carries jumbo packets; the routes decide which peers get them

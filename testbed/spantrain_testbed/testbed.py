@@ -25,7 +25,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -312,6 +312,22 @@ class Testbed:
         chosen = (self.quotas if devices is None
                   else [self.quotas[self.device_index(d)] for d in devices])
         cgroups.set_limits(self.instance, chosen, enforced)
+
+    def set_cores(self, device: int | str, cores: float) -> None:
+        """Change a device's CPU quota now, also under a running process (a device that
+        slows down: the adapter benchmark halves one mid-run)."""
+        index = self.device_index(device)
+        self.quotas[index] = replace(self.quotas[index], cores=cores)
+        cgroups.set_limits(self.instance, [self.quotas[index]])
+
+    def scale_links(self, factor: float, interfaces: Iterable[str] | None = None) -> None:
+        """Set the token buckets of ``interfaces`` (default: every shaped one) to ``factor``
+        times their planned rates now, traffic flowing or not (``1.0`` restores them)."""
+        wanted = None if interfaces is None else set(interfaces)
+        for shaping in self.net.shaping:
+            if wanted is None or shaping.interface in wanted:
+                for cmd in netns.rate_commands(shaping, factor):
+                    netns.run_cmd(cmd)
 
     def startup_gate(
         self, losses: Path, devices: Iterable[int | str] | None = None

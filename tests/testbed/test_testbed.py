@@ -189,6 +189,31 @@ def test_tcp_throughput_matches_link_rate(tb3: Testbed, src: int, dst: int, mbps
     assert rate == pytest.approx(mbps * MBIT, rel=0.15), f"{rate / MBIT:.1f} Mbit/s vs {mbps}"
 
 
+def test_links_and_quotas_change_under_load(tb3: Testbed) -> None:
+    """What the adapter benchmark does mid-run: a link's token bucket lowered, then restored,
+    and a device's quota halved, each taking hold on the running kernel objects."""
+    try:
+        tb3.scale_links(0.5)
+        slowed = measure(tb3, 0, 1, 5301)
+        tb3.scale_links(1.0)
+        restored = measure(tb3, 0, 1, 5302)
+    finally:
+        tb3.scale_links(1.0)
+    print(f"0->1 at half rate {slowed / MBIT:.1f} Mbit/s, restored {restored / MBIT:.1f}")
+    assert slowed == pytest.approx(25 * MBIT, rel=0.15)
+    assert restored == pytest.approx(50 * MBIT, rel=0.15)
+    loop = ("import time\nt0 = time.monotonic(); c0 = time.process_time()\n"
+            "while time.monotonic() - t0 < 3.0: pass\n"
+            "print((time.process_time() - c0) / (time.monotonic() - t0))")
+    try:
+        tb3.set_cores(0, 0.125)
+        proc = tb3.run(0, [PY, "-c", loop], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        tb3.set_cores(0, 0.25)
+    assert float(out) == pytest.approx(0.125, rel=0.2)
+
+
 def test_cpu_quota_caps_a_busy_loop(tb3: Testbed) -> None:
     assert tb3.quotas[0].cores == pytest.approx(0.25)
     loop = ("import time\nt0 = time.monotonic(); c0 = time.process_time()\n"
