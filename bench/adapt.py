@@ -224,6 +224,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps per run (the whole benchmark in under 10 minutes)")
     parser.add_argument("--batch", type=int, default=16, help="global batch (default 16)")
+    parser.add_argument("--keep", metavar="DIR", help="keep every run's logs and traces here")
     args = parser.parse_args()
     steps = 40 if args.quick else 80
     prof = profile()
@@ -247,7 +248,7 @@ def main() -> int:
     port = 29710
     rows = []
     with tempfile.TemporaryDirectory(prefix="spantrain-adapt-") as tmp:
-        work = Path(tmp)
+        work = Path(args.keep) if args.keep else Path(tmp)
         for sc in scenarios:
             with Testbed(topo, instance=INSTANCE, cores_per_tflops=1.0 / per_core) as tb:
                 port += 1

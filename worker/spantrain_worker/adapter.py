@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from spantrain_planner.passes.adapt import AdaptPolicy, Detector, Rebalance, window_median
+from spantrain_planner.passes.adapt import (
+    AdaptPolicy,
+    Detector,
+    Rebalance,
+    rebalance,
+    window_median,
+)
 
 from .metrics import StepStats
 
@@ -59,12 +65,25 @@ class Adapter:
         self.trainer.comm.all_reduce_world(figures)
         measured = {r: float(figures[r]) for r in range(world)}
         proposal = self.detector.propose(self.trainer.plan, measured)
+        self._trace(step, measured)
         if proposal is None:
             return None
         self.trainer.adopt(proposal.plan)
         self.detector.adopted(step)
         self._record(step, proposal)
         return proposal
+
+    def _trace(self, step: int, measured: dict[int, float]) -> None:
+        """Rank 0 appends each window's figures to ``adapter.jsonl``: what the adapter saw
+        (seconds per row, per rank), the gain a re-balance would promise, and its streak."""
+        if self.out_dir is None or self.trainer.role.rank != 0:
+            return
+        candidate = rebalance(self.trainer.plan, measured, self.detector.policy)
+        with (self.out_dir / "adapter.jsonl").open("a") as fh:
+            fh.write(json.dumps({
+                "step": step, "secondsPerRow": {str(r): v for r, v in measured.items()},
+                "gain": round(candidate.gain, 4) if candidate else 0.0,
+                "streak": self.detector.streak}) + "\n")
 
     def _record(self, step: int, proposal: Rebalance) -> None:
         entry = {

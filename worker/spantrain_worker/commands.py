@@ -253,9 +253,11 @@ def run_local(args: argparse.Namespace) -> int:
     print(plan_table(plan))
     print(ckpt_line)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("timeline*"), *out.glob("rank*.log"), out / "losses.jsonl"]:
+    for stale in [*out.glob("timeline*"), *out.glob("rank*.log"), out / "losses.jsonl",
+                  out / "adaptations.jsonl", out / "adapter.jsonl"]:
         stale.unlink(missing_ok=True)
     training = job.spec.training.model_dump(mode="json", by_alias=True)
+    training["adapt"] = job.spec.planner.adapt  # the workers' adapter (a run-time knob)
     if args.steps:
         training["steps"] = args.steps
         training["warmupSteps"] = min(training["warmupSteps"], args.steps)
