@@ -68,9 +68,9 @@ def state_path(instance: int) -> Path:
     return STATE_DIR / f"stb{instance}.json"
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return True  # persistent (CLI ``up``): only ``down`` removes it
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts: it cannot be ours to
+    sweep). Also used by the tests' control-plane harness for its own leftovers."""
     if pid <= 0:
         return False
     try:
@@ -80,6 +80,10 @@ def _pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pid_alive(pid: int | None) -> bool:
+    return True if pid is None else pid_alive(pid)  # None: persistent (CLI ``up``)
 
 
 def _read_state(instance: int) -> dict[str, Any] | None:

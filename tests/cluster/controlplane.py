@@ -80,6 +80,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
+from spantrain_testbed.testbed import pid_alive
+
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_NODE_ANNOTATION_VALUE = "fake"
 KWOK_FAIL_ANNOTATION = "spantrain.io/kwok-fail-after"
@@ -147,16 +149,6 @@ def failure_report(path: Path, lines: int = _LOG_TAIL_LINES, errors: int = 10) -
     return report + f"--- last lines of {path} ---\n{tail}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale_work_dirs(root: Path) -> list[Path]:
     """Remove work dirs left by test processes that died without cleaning up (SIGKILL).
 
@@ -169,7 +161,7 @@ def reap_stale_work_dirs(root: Path) -> list[Path]:
             pid = int((path / OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
