@@ -188,8 +188,33 @@ def simulate(
     record: bool = False,
     sums: ProfileSums | None = None,
 ) -> SimResult:
-    """Simulate one step of ``plan`` on ``topology``."""
+    """Simulate one step of ``plan`` on ``topology``: every rank's actions in order as their
+    inputs arrive (``_run_actions``), then each stage's gradient rings and the optimizer
+    (``_sync_and_update``)."""
     sums = sums or ProfileSums(profile)
+    lay = _layout(plan, topology, sums)
+    run = _run_actions(plan, topology, profile, sums, lay, cost, record)
+    step_end, stage_compute = _sync_and_update(plan, topology, lay, run, cost, record)
+    return _result(plan, topology, lay, run, cost, step_end, stage_compute)
+
+
+@dataclass
+class _Layout:
+    """Rank tables of a plan and who sends what to whom at each stage boundary."""
+
+    rank_device: dict[int, int]
+    rank_stage: dict[int, int]
+    rank_share: dict[int, int]
+    ranks: list[int]
+    stage_sums: list[LayerSums]
+    parsed: list[list[tuple[str, int]]]
+    fwd_out: dict[int, list[tuple[int, int]]]  # rank -> [(peer, rows)]
+    fwd_in: dict[int, list[int]]
+    bwd_out: dict[int, list[tuple[int, int]]]
+    bwd_in: dict[int, list[int]]
+
+
+def _layout(plan: Plan, topology: Topology, sums: ProfileSums) -> _Layout:
     index_of = {d.id: d.index for d in topology.devices}
     stages = plan.stages
     num_stages = len(stages)
@@ -217,6 +242,32 @@ def simulate(
             bwd_out[t.dst].append((t.src, t.num_rows))
             bwd_in[t.src].append(t.dst)
 
+    return _Layout(rank_device, rank_stage, rank_share, ranks, stage_sums, parsed,
+                   fwd_out, fwd_in, bwd_out, bwd_in)
+
+
+@dataclass
+class _Run:
+    """What the action phase leaves for the gradient sync and the result."""
+
+    busy: dict[int, float]
+    finish_compute: dict[int, float]
+    stash_peak: dict[int, int]
+    layer_sums: list[LayerSums]
+    layer_done: dict[tuple[int, int], float]  # (rank, layer) -> its gradient is final
+    link_busy: dict[tuple[str, str], float]
+    intervals: list[Interval]
+    dev_pos: dict[int, int]
+
+
+def _run_actions(plan: Plan, topology: Topology, profile: ModelProfile, sums: ProfileSums,
+                 lay: _Layout, cost: CostModel, record: bool) -> _Run:
+    """The event loop: each rank runs its stage's actions in order, each as soon as its
+    device is free and its inputs (activations, gradients) have arrived over the links."""
+    stages = plan.stages
+    rank_device, rank_stage, rank_share = lay.rank_device, lay.rank_stage, lay.rank_share
+    ranks, stage_sums, parsed = lay.ranks, lay.stage_sums, lay.parsed
+    fwd_out, fwd_in, bwd_out, bwd_in = lay.fwd_out, lay.fwd_in, lay.bwd_out, lay.bwd_in
     arrivals: dict[tuple[str, int, int, int], float] = {}  # (dir, m, dst, src) -> time
     channel_free: dict[tuple[object, object], float] = defaultdict(float)
     link_busy: dict[tuple[str, str], float] = defaultdict(float)
@@ -333,7 +384,18 @@ def simulate(
         try_queue(rank)
     assert remaining == 0, "simulation deadlocked: action orders are inconsistent"
 
-    # gradient rings inside each stage (the plan's buckets, or one ring), then the optimizer
+    return _Run(busy, finish_compute, stash_peak, layer_sums, layer_done, link_busy, intervals,
+                dev_pos)
+
+
+def _sync_and_update(plan: Plan, topology: Topology, lay: _Layout, run: _Run,
+                     cost: CostModel, record: bool) -> tuple[float, list[float]]:
+    """Gradient rings inside each stage (the plan's buckets, or one ring), then the optimizer;
+    returns the step's end and each stage's compute time."""
+    stages = plan.stages
+    rank_device, stage_sums = lay.rank_device, lay.stage_sums
+    busy, finish_compute, layer_sums = run.busy, run.finish_compute, run.layer_sums
+    layer_done, intervals, dev_pos = run.layer_done, run.intervals, run.dev_pos
     step_end = 0.0
     stage_compute: list[float] = []
     for s, stage in enumerate(stages):
@@ -371,6 +433,14 @@ def simulate(
                 intervals.append(Interval(dev_pos[dev], synced, end, "OPT"))
             step_end = max(step_end, end)
 
+    return step_end, stage_compute
+
+
+def _result(plan: Plan, topology: Topology, lay: _Layout, run: _Run, cost: CostModel,
+            step_end: float, stage_compute: list[float]) -> SimResult:
+    ranks, rank_device, rank_stage = lay.ranks, lay.rank_device, lay.rank_stage
+    rank_share, stage_sums = lay.rank_share, lay.stage_sums
+    busy, stash_peak, link_busy, intervals = run.busy, run.stash_peak, run.link_busy, run.intervals
     device_ids = [topology.devices[rank_device[r]].id for r in ranks]
     busy_list = [busy[r] for r in ranks]
     peak = []
