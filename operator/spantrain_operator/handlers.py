@@ -414,7 +414,7 @@ def _apply(
     kc = kube()
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    kc.patch_job_status(ns, name, old_status, d.status)
+    kc.patch_job_status(ns, name, old_status, status.typed(d.status))
     for pod, grace in sorted(d.delete_pods.items()):
         kc.delete_pod(ns, pod, grace_seconds=grace)
     for cm in d.delete_config_maps:

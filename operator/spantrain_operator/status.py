@@ -30,6 +30,16 @@ def iso(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def typed(st: Mapping[str, Any]) -> dict[str, Any]:
+    """A status as the API's ``SpanTrainJobStatus`` model has it: validated (a field the model
+    lacks, or a value of the wrong type, raises here instead of reaching the API server) and
+    dumped back with exactly the fields that were set. Every status the operator writes goes
+    through it (``handlers._apply``)."""
+    model = api.SpanTrainJobStatus.model_validate(dict(st))
+    out: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return out
+
+
 def get_condition(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
     for cond in conditions:
         if cond.get("type") == kind:

@@ -95,6 +95,8 @@ def _statuses_are_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
             d = _real(*args, **kwargs)
             api.SpanTrainJobStatus.model_validate(d.status)
             assert not _unknown_keys(api.SpanTrainJobStatus, d.status), d.status
+            # what the operator writes (status.typed) is what it decided, field for field
+            assert status.typed(d.status) == d.status
             return d
 
         monkeypatch.setattr(reconcile, name, checked)
@@ -594,3 +596,12 @@ def test_waiting_for_nodes_is_pending_and_warns_once() -> None:
     assert again.events == []  # still waiting: no event on every retry
     # still not terminal: the next pass plans again
     assert reconcile.decide(state(again.status, plan=False)).replan == "Initial"
+
+
+def test_a_status_the_model_does_not_know_is_never_written() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="progres"):
+        status.typed({"phase": "Running", "progres": {"step": 1}})
+    with pytest.raises(ValidationError, match="restarts"):
+        status.typed({"phase": "Running", "restarts": "two"})
