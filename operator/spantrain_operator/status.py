@@ -37,7 +37,19 @@ def typed(st: Mapping[str, Any]) -> dict[str, Any]:
     through it (``handlers._apply``)."""
     model = api.SpanTrainJobStatus.model_validate(dict(st))
     out: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if out != dict(st):  # the model reads statuses leniently (extra="ignore"); writing is not
+        lost = sorted(_paths(st) - _paths(out))
+        raise ValueError(f"status fields the SpanTrainJob API does not have: {lost}")
     return out
+
+
+def _paths(value: Any, prefix: str = "") -> set[str]:
+    """Every key path of nested dicts and lists (``progress.step``, ``stages[0].index``)."""
+    if isinstance(value, Mapping):
+        return {q for k, v in value.items() for q in _paths(v, f"{prefix}.{k}" if prefix else k)}
+    if isinstance(value, list):
+        return {q for i, v in enumerate(value) for q in _paths(v, f"{prefix}[{i}]")}
+    return {f"{prefix}={value!r}"}
 
 
 def get_condition(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
