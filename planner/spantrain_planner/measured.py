@@ -280,7 +280,7 @@ class ClusterMeasurement(_Model):
 
 
 def _timestamp(at: datetime) -> str:
-    return at.isoformat().replace("+00:00", "Z")
+    return at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def load_measurement(path: str | Path) -> ClusterMeasurement:

@@ -4,8 +4,8 @@ Role: ``spantrain local`` emulates a cluster's devices as shares of *this* machi
 prediction needs this machine's speed in the planner's units. ``machine_profile`` returns the
 ``DeviceMeasurement`` of ``devprofile`` (one thread, as every local worker), measured once and
 cached as JSON under ``$XDG_CACHE_HOME/spantrain/device-profiles/<host key>.json`` (default
-``~/.cache``): the key names the architecture, CPU model, core count, torch version and
-threads, so another machine (or another torch) profiles afresh; a profile older than
+``~/.cache``): the key names the architecture, CPU model, core count, torch version, threads
+and clock, so another machine (or another torch) profiles afresh; a profile older than
 ``max_age`` is measured again too. The benchmarks run in a child process, so the caller's
 torch threads and memory are left alone.
 
@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from spantrain_planner.measured import DeviceMeasurement
 
 #: A cached profile older than this is measured again.
-CACHE_MAX_AGE = timedelta(days=7)
+CACHE_MAX_AGE = timedelta(days=1)
 
 
 def cache_dir() -> Path:
@@ -55,11 +55,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown-cpu"
 
 
-def cache_key(threads: int = 1) -> str:
-    """The cache file's name for this machine (without loading torch)."""
+def machine_key(threads: int = 1) -> str:
+    """A short stable name of this machine: architecture, CPU model, cores, torch, threads
+    (without loading torch)."""
     parts = [platform.machine(), _cpu_model(), str(os.cpu_count()), _torch_version(),
              f"threads={threads}"]
     return f"{platform.machine()}-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def cache_key(threads: int = 1) -> str:
+    """The cache file's name for this machine: its key and the clock the profile used."""
+    return f"{machine_key(threads)}-{'cpu' if threads == 1 else 'wall'}"
 
 
 def cached_profile(threads: int = 1, *, now: datetime | None = None,
@@ -77,10 +83,14 @@ def cached_profile(threads: int = 1, *, now: datetime | None = None,
 
 def measure_machine(threads: int = 1, *, quick: bool = False,
                     timeout: float = 600.0) -> DeviceMeasurement:
-    """Run ``devprofile`` in a child process on ``threads`` threads; fp32 kinds only unless
-    the caller wants more (a local run trains in fp32 or bf16: both are measured)."""
+    """Run ``devprofile`` (every layer kind, fp32 and the reduced precision) in a child
+    process on ``threads`` threads, timed by CPU time on one thread: the emulation paces
+    every action by its CPU time, so CPU time is the unit it needs, and it moves less than
+    the wall clock when other processes share the machine."""
     cmd = [sys.executable, "-m", "spantrain_worker.devprofile", "--node", "localhost",
            "--threads", str(threads)]
+    if threads == 1:  # the emulation paces by CPU time: measure in CPU time too
+        cmd += ["--clock", "cpu"]
     if quick:
         cmd += ["--samples", "3", "--sample-seconds", "0.05"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -106,8 +116,15 @@ def machine_profile(
     if say is not None:
         say(f"profiling this machine (layer micro-benchmarks, about 10 s; cached in {path})")
     measured = measure_machine(threads)
+    store(measured, threads)
+    return measured, False
+
+
+def store(measured: DeviceMeasurement, threads: int = 1) -> Path:
+    """Write a profile of this machine where ``cached_profile`` finds it."""
+    path = cache_dir() / f"{cache_key(threads)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(measured.model_dump_json(by_alias=True, indent=1))
     tmp.replace(path)
-    return measured, False
+    return path

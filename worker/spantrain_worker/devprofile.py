@@ -10,8 +10,10 @@ a worker builds it, whose FLOPs the planner counts analytically (``spantrain_pla
 
 Each runs forward and a full backward at two batch sizes, at fp32 and at the reduced precision
 the device supports (bf16 autocast on CPUs with native bf16, fp16 autocast on CUDA). Every
-sample is the wall-clock time per iteration of a loop that lasts ``sample_seconds`` (wall
-clock, so a CPU quota or another process on the core shows; synchronised on CUDA); the time
+sample is the time per iteration of a loop that lasts ``sample_seconds``: wall clock by
+default, so a CPU quota or another process on the core shows (synchronised on CUDA); or, for
+``spantrain local``'s emulation, which paces actions by CPU time, this thread's CPU time. The
+time
 against batch size is a line whose slope gives the effective FLOP/s *in the planner's FLOP
 counting* and whose intercept, halved, the fixed cost per layer and pass (F and BW: two
 passes). Medians, extremes and counts are kept (``spantrain_planner.measured.Stat``).
@@ -39,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -53,8 +55,10 @@ from spantrain_planner.measured import (
 )
 from spantrain_planner.profiles import ModelProfile, build_profile
 
-from .calibration import cache_key
+from .calibration import machine_key
 from .models import build_model
+
+Clock = Literal["wall", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -153,34 +157,36 @@ def _step_fn(bench: Bench, rows: int, device: torch.device,
 
 
 def _samples(step: Callable[[], None], device: torch.device, samples: int,
-             sample_seconds: float) -> list[float]:
-    """Seconds per iteration, ``samples`` times, each over a loop of ``sample_seconds``."""
+             sample_seconds: float, clock: Clock = "wall") -> list[float]:
+    """Seconds per iteration, ``samples`` times, each over a loop of ``sample_seconds`` of
+    wall clock; timed by the wall clock or by this thread's CPU time (``clock``)."""
     step()
     step()  # warm-up: allocations, kernel selection, autocast caches
     _sync(device)
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     out = []
     for _ in range(samples):
         n = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), timer()
         while True:
             step()
             n += 1
             _sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= sample_seconds:
+            if time.perf_counter() - t0 >= sample_seconds:
                 break
-        out.append(elapsed / n)
+        out.append((timer() - c0) / n)
     return out
 
 
 def measure_kernel(bench: Bench, precision: Precision, device: torch.device, *,
-                   samples: int = 5, sample_seconds: float = 0.1) -> KernelMeasurement:
+                   samples: int = 5, sample_seconds: float = 0.1,
+                   clock: Clock = "wall") -> KernelMeasurement:
     """Effective FLOP/s and per-pass overhead of one layer kind (see the module)."""
     small, large = bench.rows
     t_small = _samples(_step_fn(bench, small, device, precision), device, samples,
-                       sample_seconds)
+                       sample_seconds, clock)
     t_large = _samples(_step_fn(bench, large, device, precision), device, samples,
-                       sample_seconds)
+                       sample_seconds, clock)
     per_sample = flops_per_sample(bench)
     # the line through the medians; its intercept is the fixed cost of the two passes
     mid_small, mid_large = statistics.median(t_small), statistics.median(t_large)
@@ -216,8 +222,8 @@ def accelerator_name(device: torch.device) -> str:
 
 def host_key(device: torch.device, threads: int) -> str:
     """A short stable name of this machine as a benchmark sees it (see the module); on a
-    CPU the key ``calibration`` caches this machine's profile under."""
-    key = cache_key(threads)
+    CPU the key ``calibration`` caches this machine's profile under (plus the clock)."""
+    key = machine_key(threads)
     if device.type == "cuda":
         name = accelerator_name(device).encode()
         key += "-" + hashlib.sha256(name).hexdigest()[:8]
@@ -234,12 +240,16 @@ def measure_device(
     precisions: Sequence[str] | None = None,
     samples: int = 5,
     sample_seconds: float = 0.1,
+    clock: Clock = "wall",
     progress: Callable[[str], None] | None = None,
 ) -> DeviceMeasurement:
     """Run the micro-benchmarks on this device (``precisions`` None: fp32 and the device's
     reduced precision for matmul and attention; conv at fp32 only)."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
+    if clock == "cpu" and (dev.type != "cpu" or threads != 1):
+        raise ValueError("clock='cpu' times one CPU thread; use the wall clock with "
+                         f"device {device!r} and {threads} thread(s)")
     benches = CUDA_BENCHES if dev.type == "cuda" else CPU_BENCHES
     reduced = reduced_precision(dev)
     todo: list[tuple[Bench, Precision]] = []
@@ -261,7 +271,7 @@ def measure_device(
         if progress is not None:
             progress(f"{k}/{len(todo)} {bench.kind} {precision}")
         kernels.append(measure_kernel(bench, precision, dev, samples=samples,
-                                      sample_seconds=sample_seconds))
+                                      sample_seconds=sample_seconds, clock=clock))
     if progress is not None:
         progress(f"{len(todo)}/{len(todo)} done")
     return DeviceMeasurement(
@@ -284,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", help="comma-separated subset of fp32,bf16,fp16")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--sample-seconds", type=float, default=0.1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall (default: sees CPU quotas and other processes) or cpu "
+                        "(this thread's CPU time: one CPU thread only)")
     parser.add_argument("--wait", action="store_true",
                         help="print 'ready' once loaded and wait for a line on stdin")
     args = parser.parse_args(argv)
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         node=args.node, index=args.index, device=args.device, threads=args.threads,
         kinds=args.kinds.split(",") if args.kinds else None,
         precisions=args.precisions.split(",") if args.precisions else None,
-        samples=args.samples, sample_seconds=args.sample_seconds)
+        samples=args.samples, sample_seconds=args.sample_seconds, clock=args.clock)
     print(measured.model_dump_json(by_alias=True), flush=True)
     return 0
 

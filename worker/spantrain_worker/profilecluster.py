@@ -410,24 +410,34 @@ def run_profile_cluster(args: argparse.Namespace) -> int:
 
 
 def _profile_this_machine(args: argparse.Namespace) -> ClusterMeasurement:
-    from .calibration import cache_dir, cache_key
+    """One device: this machine on one thread, timed by CPU time as ``spantrain local``
+    calibrates from it (every kind and precision: the cache is refreshed); or, with --kinds or
+    --precisions, just those, timed by the wall clock, and not cached."""
+    from .calibration import measure_machine, store
 
     progress = Progress(1)
     progress.show("this machine: layer micro-benchmarks")
-    cmd = [PY, "-m", "spantrain_worker.devprofile", "--node", "localhost", *_bench_args(args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.device_timeout)
+    now = datetime.now(UTC)
+    full = args.kinds == "matmul,conv,attention" and args.precisions == "auto"
+    try:
+        if full:
+            device = measure_machine(1, quick=args.quick, timeout=args.device_timeout)
+        else:
+            cmd = [PY, "-m", "spantrain_worker.devprofile", "--node", "localhost",
+                   *_bench_args(args)]
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=args.device_timeout)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-400:] or f"exit {done.returncode}")
+            device = DeviceMeasurement.model_validate_json(done.stdout.strip().splitlines()[-1])
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+        progress.close()
+        return ClusterMeasurement(cluster="localhost", failures=[
+            ProbeFailure(src="localhost", error=str(e)[-400:] or "failed", at=now)])
     progress.step("this machine")
     progress.close()
-    now = datetime.now(UTC)
-    if done.returncode != 0:
-        failure = ProbeFailure(src="localhost", error=done.stderr[-400:] or "failed", at=now)
-        return ClusterMeasurement(cluster="localhost", failures=[failure])
-    device = DeviceMeasurement.model_validate_json(done.stdout.strip().splitlines()[-1])
-    if args.kinds == "matmul,conv,attention" and args.precisions == "auto":
-        path = cache_dir() / f"{cache_key(1)}.json"  # what `spantrain local` calibrates from
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(device.model_dump_json(by_alias=True, indent=1))
-        print(f"cached for spantrain local: {path}", file=sys.stderr)
+    if full:
+        print(f"cached for spantrain local: {store(device)}", file=sys.stderr)
     return ClusterMeasurement(cluster="localhost", devices=[device])
 
 
