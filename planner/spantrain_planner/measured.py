@@ -152,11 +152,15 @@ class DeviceMeasurement(_Model):
                 return chosen
         return [(1.0, k) for k in self.kernels]
 
-    def effective_flops(self, kind: str | None = None, precision: str = "fp32") -> float:
-        """FLOP/s the planner should use (see ``_chosen``); a weighted harmonic mean."""
+    def effective_flops(self, kind: str | None = None, precision: str = "fp32", *,
+                        best: bool = False) -> float:
+        """FLOP/s the planner should use (see ``_chosen``); a weighted harmonic mean of the
+        medians, or (``best``) of the fastest samples: the least disturbed by other work."""
         chosen = self._chosen(kind, precision)
         total = sum(w for w, _ in chosen)
-        return total / sum(w / k.flops_per_second.median for w, k in chosen)
+        return total / sum(
+            w / (k.flops_per_second.max if best else k.flops_per_second.median)
+            for w, k in chosen)
 
     def overhead_us(self, kind: str | None = None, precision: str = "fp32") -> float:
         chosen = self._chosen(kind, precision)

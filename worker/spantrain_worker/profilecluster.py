@@ -6,8 +6,8 @@ compute and memory and ``linkprobe`` for links; each is what a per-node pod woul
 * Without a cluster file it profiles this machine (one device), refreshes the cache
   ``spantrain local`` calibrates from (``calibration``) and prints the result.
 * With ``CLUSTER.yaml --emulate`` (root) it brings up a ``spantrain_testbed`` instance for the
-  cluster and measures what the kernel imposes: each device's benchmarks alone inside its
-  namespace under its CPU quota (quota lifted while torch loads), then every ordered node
+  cluster and measures what the kernel imposes: every device's benchmarks at once, each inside
+  its namespace under its CPU quota (quotas lifted while torch loads), then every ordered node
   pair's latency and bandwidth (quotas lifted: the link, not the CPU, is measured), one pair
   at a time, then removes the instance.
 
@@ -144,39 +144,51 @@ def profile_testbed(
                                      at=datetime.now(UTC)))
 
     if devices:
-        for index, node, k in node_devices(topo):
-            name = topo.devices[index].id
+        # every device at once, as one pod per node would: each under its own quota, and
+        # whatever else slows the machine down slows them all alike (one after the other, a
+        # busy moment during one device's turn skews their ratio)
+        listed = node_devices(topo)
+        tb.enforce_compute(False, [i for i, _, _ in listed])  # torch loads at full speed
+        procs: dict[int, subprocess.Popen[bytes]] = {}
+        deadline = time.monotonic() + device_timeout
+        try:
+            for index, node, k in listed:
+                procs[index] = tb.run(
+                    index, [PY, "-m", "spantrain_worker.devprofile", "--wait", "--node", node,
+                            "--index", str(k), *bench_args],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             if progress is not None:
-                progress.show(f"device {name}")
-            tb.enforce_compute(False, [index])  # torch loads at full speed
-            proc = tb.run(index, [PY, "-m", "spantrain_worker.devprofile", "--wait", "--node",
-                                  node, "--index", str(k), *bench_args],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-            try:
-                deadline = time.monotonic() + device_timeout
-                ready = _read_line(proc, deadline)
-                tb.enforce_compute(True, [index])
-                if ready != "ready":
-                    fail(name, None, f"benchmark did not start: {_stop(proc)}")
-                    continue
-                assert proc.stdin is not None
-                proc.stdin.write(b"go\n")
-                proc.stdin.flush()
-                line = _read_line(proc, deadline)
-                if line is None:
-                    fail(name, None, f"no result within {device_timeout:g} s: {_stop(proc)}")
-                    continue
-                found.append(DeviceMeasurement.model_validate_json(line))
-                proc.wait(timeout=30)
-            except (ValueError, OSError, subprocess.TimeoutExpired) as err:
-                fail(name, None, f"{err} {_stop(proc)}")
-            finally:
-                tb.enforce_compute(True, [index])
+                progress.show(f"{len(procs)} device(s): loading torch")
+            ready = [i for i in procs if _read_line(procs[i], deadline) == "ready"]
+            tb.enforce_compute(True)
+            for index in procs:
+                if index not in ready:
+                    fail(topo.devices[index].id, None,
+                         f"benchmark did not start: {_stop(procs[index])}")
+            if progress is not None:
+                progress.show(f"{len(ready)} device(s): benchmarks under their quotas")
+            for index in ready:
+                stdin = procs[index].stdin
+                assert stdin is not None
+                stdin.write(b"go\n")
+                stdin.flush()
+            for index in ready:
+                name = topo.devices[index].id
+                line = _read_line(procs[index], deadline)
+                try:
+                    if line is None:
+                        raise ValueError(f"no result within {device_timeout:g} s")
+                    found.append(DeviceMeasurement.model_validate_json(line))
+                    procs[index].wait(timeout=30)
+                except (ValueError, OSError, subprocess.TimeoutExpired) as err:
+                    fail(name, None, f"{err} {_stop(procs[index])}")
+                if progress is not None:
+                    progress.step(f"device {name}")
+        finally:
+            tb.enforce_compute(True)
+            for proc in procs.values():
                 if proc.poll() is None:
                     _stop(proc)
-            if progress is not None:
-                progress.step(f"device {name}")
     if links:
         firsts: dict[str, int] = {}
         for index, node, _ in node_devices(topo):
