@@ -464,6 +464,7 @@ def calibrate_nodes(cluster: RealCluster, image_ref: str, job: dict[str, Any],
         data[f"job-{m}.yaml"] = yaml.safe_dump(local_job)
         runs.append(
             f"spantrain local /cal/job-{m}.yaml --devices /cal/one.yaml --no-emulation "
+            "--no-calibrate "
             f"--steps {CALIBRATION_STEPS} --fresh --out /tmp/out-{m} >/tmp/log 2>&1 "
             f"|| {{ cat /tmp/log; exit 1; }}; sed 's/^/m={m} /' /tmp/out-{m}/losses.jsonl")
     cluster.kubectl("create", "namespace", CALIBRATION_NS)

@@ -90,6 +90,16 @@ def test_paced_device_actions_last_their_cpu_time_over_the_share() -> None:
     assert time.perf_counter() - t0 < 0.01
 
 
+def test_slowed_device_actions_last_their_cpu_time_times_the_slowdown() -> None:
+    em = Emulator(Emulation(slowdown={0: 3.0}), rank=0)
+    t0 = time.perf_counter()
+    em.pad_compute(0.01, cpu=0.01)  # alone on its core: lasts 3 x 0.01 s
+    assert 0.018 <= time.perf_counter() - t0 < 0.2
+    t0 = time.perf_counter()
+    em.pad_compute(0.03, cpu=0.01)  # waited for a core 20 ms: already lasted 3 x its CPU
+    assert time.perf_counter() - t0 < 0.01
+
+
 def test_pace_cores_comes_from_the_environment() -> None:
     base = {"SPANTRAIN_PLAN": "plan.json"}
     assert WorkerEnv.from_env(base).pace_cores is None

@@ -6,7 +6,10 @@ dispatcher finds them without importing the worker.
 * ``spantrain worker`` runs one rank from the environment the operator injects (see
   ``config``); it is the container command of every worker pod.
 * ``spantrain local JOB.yaml [--devices CLUSTER.yaml]`` runs a whole SpanTrainJob on this
-  machine: it plans the job on the emulated devices (``make_plan``), prints the plan table,
+  machine: it calibrates the emulated devices to this machine (its device profile, measured
+  once and cached by ``calibration``: the devices keep their relative speeds, in this
+  machine's units, the fastest at ``LOCAL_SPEED_SHARE`` of a core), plans the job on them
+  (``make_plan``), prints the plan table,
   starts one worker process per device on 127.0.0.1 with emulated device speeds and links
   (``emulation``), shows a progress line (step, loss, samples/s), prints the final throughput
   and writes the measured timeline as a PNG drawn by the planner's chart function. Ctrl-C
@@ -37,6 +40,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,9 +111,12 @@ def add_local_parser(subparsers: Any) -> None:
         description="Plan JOB on the emulated devices of CLUSTER (default: a cloud server and "
         "two slower edge boards), then train it with one local process per device over gloo "
         "on 127.0.0.1. Slower devices and links are emulated by padding each compute action "
-        "and each transfer with delays proportional to the measured time (real throttling "
-        "is --emulate's job). Shows progress, prints the throughput and writes the "
-        "measured timeline chart. Ctrl-C stops every worker.",
+        "to its CPU time x the device's slowdown and each transfer to the link's time (real "
+        "throttling is --emulate's job). The devices are first calibrated to this machine "
+        "(layer micro-benchmarks, measured once and cached under ~/.cache/spantrain), so "
+        "the predicted throughput is this run's. Shows progress, prints the throughput "
+        "against the prediction and writes the measured timeline chart. Ctrl-C stops every "
+        "worker.",
     )
     parser.add_argument("job", metavar="JOB.yaml", help="SpanTrainJob manifest")
     parser.add_argument("--devices", metavar="CLUSTER.yaml",
@@ -136,6 +143,14 @@ def add_local_parser(subparsers: Any) -> None:
     parser.add_argument("--testbed-instance", type=int, metavar="N",
                         help="testbed instance for --emulate: names stbN-*, subnet "
                         f"10.210.N.0/24 (default: the first free one from {AUTO_INSTANCES[0]})")
+    calibrate = parser.add_mutually_exclusive_group()
+    calibrate.add_argument("--no-calibrate", action="store_true",
+                           help="plan with the description's FLOP/s as written (by default "
+                           "the emulated devices keep their relative speeds but are put in "
+                           "this machine's measured units, so the prediction is of this run)")
+    calibrate.add_argument("--recalibrate", action="store_true",
+                           help="profile this machine again instead of using the cached "
+                           "profile (spantrain profile-cluster without a cluster does too)")
     parser.set_defaults(func=run_local)
 
 
@@ -243,6 +258,10 @@ def run_local(args: argparse.Namespace) -> int:
     ckpt = Path(configured).resolve() if configured else out / "checkpoints"
     cluster = load_cluster(args.devices) if args.devices else ClusterSpec.model_validate(
         DEFAULT_DEVICES)
+    reference: float | None = None
+    if not args.no_calibrate:
+        cluster, reference = _calibrated(cluster, args, inputs.profile.family,
+                                         job.spec.training.precision)
     topology = resolve(cluster)
     plan = make_plan(topology, inputs.profile, inputs.options)
     try:  # after planning, so a job that cannot be planned deletes nothing
@@ -270,8 +289,70 @@ def run_local(args: argparse.Namespace) -> int:
     emulation = None
     if not args.no_emulation:
         emulation = out / "emulation.json"
-        emulation.write_text(emulation_for(plan, topology).model_dump_json(by_alias=True))
+        emulation.write_text(emulation_for(plan, topology, reference_flops=reference)
+                             .model_dump_json(by_alias=True))
     return _train(plan, out, job.name, ckpt, steps, emulation)
+
+
+#: With sleep padding, the fastest emulated device runs at this share of one core's measured
+#: speed: every device is paced by CPU time, and the rest of the core is headroom for the
+#: other workers (and whatever else runs on this machine), so contention does not show.
+LOCAL_SPEED_SHARE = 0.4
+
+
+def _calibrated(cluster: ClusterSpec, args: argparse.Namespace, family: str,
+                precision: str) -> tuple[ClusterSpec, float | None]:
+    """The emulated devices in this machine's measured units (see
+    ``spantrain_planner.inputs.measured.calibrate_emulated``) and, with sleep padding, the speed the
+    slowdowns are relative to; prints what it did."""
+    from spantrain_planner.inputs.measured import FAMILY_KIND, calibrate_emulated
+
+    from .calibration import machine_profile
+
+    machine, cached = machine_profile(refresh=args.recalibrate, say=print)
+    kind = FAMILY_KIND.get(family)
+    fastest = max(g.compute_tflops for n in cluster.nodes for g in n.devices)
+    speeds: dict[str, float] | None = {
+        n.name: LOCAL_SPEED_SHARE * max(g.compute_tflops for g in n.devices) / fastest
+        for n in cluster.nodes}
+    reference: float | None = machine.effective_flops(kind, precision)
+    how = (f"paced by CPU time in proportion to the description's FLOP/s, the fastest at "
+           f"{LOCAL_SPEED_SHARE:g} of a core")
+    if args.no_emulation:
+        reference = None
+        speeds = {n.name: 1.0 for n in cluster.nodes}
+        how = "every device at full speed (--no-emulation)"
+    elif args.emulate:
+        from spantrain_testbed.cgroups import plan_quotas
+
+        reference = None
+        topo = resolve(cluster)
+        quotas = plan_quotas([d.id for d in topo.devices], [d.flops for d in topo.devices],
+                             cores_per_tflops=_cores_per_tflops(topo))
+        speeds = {}
+        for dev, quota in zip(topo.devices, quotas, strict=True):
+            speeds[dev.node] = max(speeds.get(dev.node, 0.0), min(quota.cores, 1.0))
+        how = "CPU quotas (--emulate)"
+    calibrated = calibrate_emulated(cluster, machine, speeds, layer_kind=kind,
+                                    precision=precision)
+    age = datetime.now(UTC) - machine.measured_at
+    print(f"calibrated: this machine {machine.effective_flops(kind, precision) / 1e9:.1f} "
+          f"GFLOP/s and {machine.overhead_us(kind, precision):.0f} us per layer and pass "
+          f"({kind or 'weighted'} {precision}, one thread; "
+          f"{'cached, ' + _age(age) + ' old' if cached else 'measured now'}); devices: "
+          + ", ".join(f"{n.name} {n.devices[0].compute_tflops * 1e3:.1f}"
+                      for n in calibrated.nodes)
+          + f" GFLOP/s ({how}; --no-calibrate plans with the description's figures)")
+    return calibrated, reference
+
+
+def _age(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
@@ -343,10 +424,11 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
     if rows:
         tail = rows[len(rows) // 2:]
         rate = len(tail) * plan.global_batch / sum(r["stepSeconds"] for r in tail)
+        predicted = plan.predicted.samples_per_second if plan.predicted else float("nan")
         print(f"trained {len(rows)} steps in {time.monotonic() - started:.1f}s: loss "
               f"{rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; throughput {rate:.1f} "
-              f"samples/s (over the last {len(tail)} steps; predicted "
-              f"{plan.predicted.samples_per_second if plan.predicted else float('nan'):.1f})")
+              f"samples/s (over the last {len(tail)} steps; predicted {predicted:.1f}, "
+              f"{(predicted / rate - 1) * 100:+.0f} %)")
     chart = draw_measured_timeline(plan, out)
     if chart:
         print(f"measured timeline: {chart}")

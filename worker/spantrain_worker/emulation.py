@@ -4,8 +4,10 @@ Role: let one machine show a heterogeneous cluster's behaviour. Each worker proc
 *slowdown* (fastest device's FLOP/s ÷ its own, from the cluster description) and the bandwidth
 and latency of each of its channels (from the resolved topology), and pads:
 
-* compute: after an action that took ``t`` seconds of real compute, sleep ``t * (slowdown-1)``
-  (so a device half as fast takes twice as long; sleeping frees the core for the others);
+* compute: an action that took ``c`` seconds of this thread's CPU lasts at least
+  ``c * slowdown`` (so a device half as fast takes twice as long; sleeping frees the core for
+  the others); measured in CPU time, a process that waited for a core (three workers and
+  whatever else on two cores) is not slowed down a second time by the padding;
 * links: the sender stamps each message with its send time (a one-element float64 header on
   the same ordered channel); the receiver, once the real transfer has landed, waits until
   ``max(sent, channel free) + bytes / bandwidth + latency`` — the planner's alpha-beta model
@@ -86,15 +88,18 @@ class Emulation(_Model):
         return 2 * (k - 1) / k * num_bytes / bw + 2 * (k - 1) * lat
 
 
-def emulation_for(plan: Plan, topology: Topology, *, time_scale: float = 1.0) -> Emulation:
-    """Slowdowns relative to the fastest device in the plan; links from the topology.
+def emulation_for(plan: Plan, topology: Topology, *, time_scale: float = 1.0,
+                  reference_flops: float | None = None) -> Emulation:
+    """Slowdowns relative to ``reference_flops`` (this machine's measured speed, when the
+    topology is calibrated to it) or else to the fastest device in the plan; links from the
+    topology.
 
     ``time_scale`` multiplies link times (to make a slow WAN visible on a tiny model).
     """
     index = {dev.id: dev.index for dev in topology.devices}
     ranks = {d.rank: index[d.device_id] for st in plan.stages for d in st.devices}
-    fastest = max(topology.devices[i].flops for i in ranks.values())
-    slowdown = {r: fastest / topology.devices[i].flops for r, i in ranks.items()}
+    fastest = reference_flops or max(topology.devices[i].flops for i in ranks.values())
+    slowdown = {r: max(1.0, fastest / topology.devices[i].flops) for r, i in ranks.items()}
     links = []
     for a, ia in ranks.items():
         for b, ib in ranks.items():
@@ -132,7 +137,12 @@ class Emulator:
         Returns the seconds added (part of the emulated device's compute time)."""
         t0 = time.perf_counter()
         if self.slowdown > 1.0:
-            time.sleep(elapsed * (self.slowdown - 1.0))
+            # the device's speed is the emulation's, whatever else holds this machine's
+            # cores: an action lasts its CPU time x the slowdown (time the process waited
+            # for a core counts towards it), not its wall time x the slowdown
+            target = cpu * self.slowdown if cpu is not None else elapsed * self.slowdown
+            if target > elapsed:
+                time.sleep(target - elapsed)
         elif self.spec.pace_cores is not None and cpu is not None:
             short = cpu / self.spec.pace_cores - elapsed
             if short > 0:

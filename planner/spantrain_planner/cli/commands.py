@@ -53,12 +53,45 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the plan and scores as JSON")
     p.add_argument("--chart", metavar="FILE.png", help="draw the simulated step timeline")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="also write the plan file")
+    p.add_argument(
+        "--measured",
+        metavar="MEASURED.yaml",
+        help="a ClusterMeasurement (spantrain profile-cluster): its fresh figures replace the "
+        "description's, and a table says where every fact came from (measured, label, "
+        "default)",
+    )
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="ignore measurements older than this (default 24)",
+    )
     p.set_defaults(func=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    topology = resolve(load_cluster(args.cluster))
     profile = get_profile(args.model)
+    spec = load_cluster(args.cluster)
+    merged = None
+    if args.measured:
+        from datetime import UTC, datetime, timedelta
+
+        from spantrain_planner.inputs.measured import (
+            FAMILY_KIND,
+            apply_measurements,
+            load_measurement,
+        )
+
+        merged = apply_measurements(
+            spec,
+            load_measurement(args.measured),
+            now=datetime.now(UTC),
+            max_age=timedelta(hours=args.max_age),
+            layer_kind=FAMILY_KIND.get(profile.family),
+        )
+        spec = merged.spec
+    topology = resolve(spec)
     options = PlannerOptions(
         global_batch=args.batch,
         schedule=args.schedule,
@@ -94,11 +127,22 @@ def run_plan(args: argparse.Namespace) -> int:
             "baselines": scores,
             "ratios": {k: (sim.samples_per_second / v if v else None) for k, v in scores.items()},
         }
+        if merged is not None:
+            out["factSources"] = [
+                s.model_dump(mode="json", by_alias=True) for s in merged.sources
+            ]
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     print(plan_table(plan))
     print(f"planned in {plan_seconds:.2f} s")
+    if merged is not None:
+        from spantrain_planner.cli.report import sources_table
+        from spantrain_planner.inputs.measured import sources_summary
+
+        print()
+        print(sources_table(merged))
+        print(sources_summary(merged))
     if scores:
         print()
         print(baseline_table(sim.samples_per_second, scores))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from spantrain_planner.inputs.measured import MergedCluster, timestamp
 from spantrain_planner.inputs.plan import Plan
 
 
@@ -148,3 +149,10 @@ def baseline_table(
         else:
             rows.append([name, f"{value:.1f}", f"{ours / value:.2f}x"])
     return table(["plan", "samples/s", "spantrain / plan"], rows, markdown=markdown)
+
+
+def sources_table(merged: MergedCluster) -> str:
+    """One line per fact: subject, fact, value, source (and age of measured facts)."""
+    rows = [[s.subject, s.fact, s.value, s.source,
+             timestamp(s.measured_at) if s.measured_at else "-"] for s in merged.sources]
+    return table(["subject", "fact", "value", "source", "measured at"], rows)
