@@ -219,7 +219,10 @@ def eligible_cluster(
     spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
 ) -> ClusterSpec:
     """The nodes the job's placement selects, as the planner's cluster description."""
-    inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude)
+    inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude,
+                                    now=datetime.now(UTC))
+    for warning in inv.warnings:  # measured facts that were malformed or expired
+        logging.getLogger(__name__).warning("%s: %s", name, warning)
     if inv.cluster is None:
         # the nodes the placement selects but cannot use (not Ready, cordoned...) say more
         # than the hundreds it does not select

@@ -13,15 +13,15 @@ an argument). Must not import torch, spantrain_worker, kopf or the Kubernetes cl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from spantrain_planner.api import NodeSelectorRequirement, PlacementSpec, Toleration
 from spantrain_planner.core.units import parse_bytes
 from spantrain_planner.inputs.cluster import ClusterSpec, DeviceGroupSpec, LinksSpec, NodeSpec, Tier
+from spantrain_planner.inputs.measured import DEFAULT_MAX_AGE, read_profile_annotation
 
 L_ARCH = "kubernetes.io/arch"
 L_HOSTNAME = "kubernetes.io/hostname"
@@ -88,7 +88,8 @@ class NodeFacts:
     taints: tuple[Mapping[str, Any], ...] = ()
     ready: bool = True
     schedulable: bool = True
-    compute_source: str = "table"
+    compute_source: str = "table"  # measured (profiler), label, or table (defaults)
+    warning: str | None = None  # a profile annotation ignored, and why
     #: measured fixed cost per layer and pass (profile ``layerOverheadUs``); None: the
     #: planner's default for the kind of device
     layer_overhead_us: float | None = None
@@ -105,6 +106,7 @@ class Inventory:
     cluster: ClusterSpec | None  # None when no node is eligible
     nodes: Mapping[str, NodeFacts]
     skipped: Mapping[str, str] = field(default_factory=dict)  # node -> why not eligible
+    warnings: tuple[str, ...] = ()  # measured facts ignored (malformed, expired), per node
 
     @property
     def num_devices(self) -> int:
@@ -162,15 +164,17 @@ def gpu_tflops(product: str) -> float:
     return GPU_DEFAULT_TFLOPS
 
 
-def _profile(node: Mapping[str, Any]) -> dict[str, Any]:
+def _profile(node: Mapping[str, Any], now: datetime | None,
+             max_age: timedelta) -> tuple[dict[str, Any], str | None]:
+    """The measured facts of a node's profile annotation (camelCase keys, only those it has),
+    and why it was ignored (malformed, expired) if it was."""
     raw = _meta(node, "annotations").get(K_PROFILE)
     if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return {}, None
+    prof, why = read_profile_annotation(raw, now=now, max_age=max_age)
+    if prof is None:
+        return {}, why
+    return prof.model_dump(by_alias=True, exclude_none=True, mode="json"), None
 
 
 def _condition(node: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -196,15 +200,21 @@ def platform_of(labels: Mapping[str, str], annotations: Mapping[str, str]) -> st
     return None
 
 
-def read_node(node: Mapping[str, Any]) -> NodeFacts:
-    """Read one node object (a dict with camelCase keys, as the API returns it)."""
+def read_node(node: Mapping[str, Any], now: datetime | None = None,
+              max_age: timedelta = DEFAULT_MAX_AGE) -> NodeFacts:
+    """Read one node object (a dict with camelCase keys, as the API returns it).
+
+    A profiler measurement (the ``spantrain.io/profile`` annotation) wins over labels while it
+    is younger than ``max_age`` at ``now``; an expired or malformed one is ignored and said
+    why in ``NodeFacts.warning``. Without ``now`` its age is not checked (callers that read a
+    node only for its address and platform)."""
     meta = node.get("metadata") or {}
     name = str(meta.get("name"))
     labels = _meta(node, "labels")
     annotations = _meta(node, "annotations")
     status = node.get("status") or {}
     allocatable = dict(status.get("allocatable") or {})
-    measured = _profile(node)
+    measured, warning = _profile(node, now, max_age)
 
     arch = labels.get(L_ARCH) or (status.get("nodeInfo") or {}).get("architecture") or "amd64"
     platform = platform_of(labels, annotations)
@@ -218,7 +228,7 @@ def read_node(node: Mapping[str, Any]) -> NodeFacts:
     if tier is None:
         tier = "edge" if platform == "kubeedge" else "end" if platform == "k3s" else "cloud"
 
-    compute_source = "profile"
+    compute_source = "measured"
     tflops = _float(str(measured.get("computeTflops"))) if "computeTflops" in measured else None
     if tflops is None:
         compute_source = "label"
@@ -278,6 +288,7 @@ def read_node(node: Mapping[str, Any]) -> NodeFacts:
         ready=is_ready(node),
         schedulable=not (node.get("spec") or {}).get("unschedulable", False),
         compute_source=compute_source,
+        warning=f"node {name}: {K_PROFILE} annotation {warning}" if warning else None,
         layer_overhead_us=_float(str(measured.get("layerOverheadUs")))
         if "layerOverheadUs" in measured
         else None,
@@ -369,17 +380,23 @@ def build_inventory(
     name: str = "cluster",
     exclude: Iterable[str] = (),
     links: LinksSpec | None = None,
+    now: datetime | None = None,
+    max_age: timedelta = DEFAULT_MAX_AGE,
 ) -> Inventory:
     """The eligible nodes of a job and the planner's ``ClusterSpec`` for them.
 
     ``exclude`` names nodes never to use (for example nodes just lost). Nodes are sorted by
     name, so the same cluster always gives the same ``ClusterSpec`` (and the same plan).
+    Measured facts older than ``max_age`` at ``now`` are not used (``read_node``).
     """
     excluded = set(exclude)
+    warnings: list[str] = []
     eligible: list[NodeFacts] = []
     skipped: dict[str, str] = {}
     for node in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
-        facts = read_node(node)
+        facts = read_node(node, now, max_age)
+        if facts.warning:
+            warnings.append(facts.warning)
         if facts.name in excluded:
             skipped[facts.name] = "lost"
             continue
@@ -391,7 +408,7 @@ def build_inventory(
     if placement.max_devices is not None:
         eligible = _limit_devices(eligible, placement.max_devices)
     if not eligible:
-        return Inventory(None, {}, skipped)
+        return Inventory(None, {}, skipped, tuple(warnings))
     spec = ClusterSpec(
         name=name,
         nodes=[
@@ -417,7 +434,7 @@ def build_inventory(
         ],
         links=links or LinksSpec(),
     )
-    return Inventory(spec, {f.name: f for f in eligible}, skipped)
+    return Inventory(spec, {f.name: f for f in eligible}, skipped, tuple(warnings))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +376,46 @@ def test_immutable_fields(kube_api: Any, namespace: str, crd_installed: None) ->
             patch_job(kube_api, ns, "imm", change)
         assert word in str(info.value.body)
     patch_job(kube_api, ns, "imm", {"suspend": True})  # mutable fields stay mutable
+
+
+# --------------------------------------------------------------------------------------------
+# measured facts (the profiler's node annotations)
+
+
+def test_fresh_measurements_win_over_labels_and_expired_ones_do_not(
+    kube_api: Any, namespace: str, operator: KopfRunner, control_plane: Any
+) -> None:
+    """Three nodes labelled 1 TFLOP/s each; one carries a fresh profiler measurement of 8,
+    one an expired measurement of 8. The plan gives the fresh one most of the work and treats
+    the expired one as its label says."""
+    ns = namespace
+    now = datetime.now(UTC)
+
+    def profile(age: timedelta) -> str:
+        return json.dumps({"computeTflops": 8.0, "layerOverheadUs": 50.0,
+                           "measuredAt": (now - age).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "source": "spantrain profile-cluster"})
+
+    labels = {"spantrain.io/tier": "lab", "spantrain.io/compute-tflops": "1"}
+    alloc = {"cpu": "8", "memory": "16Gi", "pods": "110"}
+    names = control_plane.add_nodes([
+        {"name": "lab-fresh", "labels": labels, "allocatable": alloc,
+         "annotations": {"spantrain.io/profile": profile(timedelta(minutes=5))}},
+        {"name": "lab-stale", "labels": labels, "allocatable": alloc,
+         "annotations": {"spantrain.io/profile": profile(timedelta(days=3))}},
+        {"name": "lab-plain", "labels": labels, "allocatable": alloc},
+    ])
+    try:
+        control_plane.wait_nodes_ready(names, timeout=60)
+        create_job(kube_api, ns, job_manifest(
+            "measured", placement={"nodeSelector": {"spantrain.io/tier": "lab"}}))
+        plan = _plan(kube_api, ns, _running(kube_api, ns, "measured", 90))
+        work = dict.fromkeys(names, 0)
+        for stage in plan.stages:
+            for d in stage.devices:
+                work[d.node] += (stage.layer_end - stage.layer_start) * d.microbatch_share
+        print(f"\nwork (layers x rows) per node: {work}")
+        assert work["lab-fresh"] > 2 * max(work["lab-stale"], work["lab-plain"]), work
+    finally:
+        for n in names:
+            k8s_client.CoreV1Api(kube_api).delete_node(n)

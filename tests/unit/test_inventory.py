@@ -65,12 +65,14 @@ def test_precedence_profile_then_annotation_then_label() -> None:
     assert (facts.bandwidth_mbps, facts.latency_ms, facts.tier) == (100.0, 7.0, "end")
     facts = inventory.read_node(node("n", labels, annotations={"spantrain.io/compute-tflops": "5"}))
     assert facts.compute_tflops == 5.0 and facts.compute_source == "label"
-    prof = json.dumps({"computeTflops": 9.5, "memoryBytes": 123, "bandwidthMbps": 42})
+    prof = json.dumps({"computeTflops": 9.5, "memoryBytes": 123, "bandwidthMbps": 42,
+                       "measuredAt": "2026-12-07T10:00:00Z"})
     facts = inventory.read_node(node("n", labels, annotations={"spantrain.io/profile": prof}))
     assert (facts.compute_tflops, facts.memory_bytes, facts.bandwidth_mbps) == (9.5, 123, 42.0)
-    assert facts.compute_source == "profile"
+    assert facts.compute_source == "measured" and facts.warning is None
     assert facts.layer_overhead_us is None
-    prof = json.dumps({"computeTflops": 0.02, "layerOverheadUs": 850})
+    prof = json.dumps({"computeTflops": 0.02, "layerOverheadUs": 850,
+                       "measuredAt": "2026-12-07T10:00:00Z"})
     facts = inventory.read_node(node("n", labels, annotations={"spantrain.io/profile": prof}))
     assert facts.layer_overhead_us == 850.0
     inv = inventory.build_inventory([node("n", labels, annotations={
@@ -170,3 +172,44 @@ def test_lost_nodes_deleted_or_not_ready_past_grace() -> None:
                                 now=NOW)
     assert sorted(lost) == ["down", "gone"] and lost["gone"] == "deleted"
     assert inventory.not_ready_nodes(["ok", "flaky", "down"], nodes) == ["down", "flaky"]
+
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("annotation", "warned"), [
+    ({"computeTflops": 9.5, "measuredAt": "2026-12-07T11:00:00Z"}, None),  # fresh: used
+    ({"computeTflops": 9.5, "measuredAt": "2026-12-05T11:00:00Z"}, "expired"),
+    ({"computeTflops": 9.5}, "measuredAt"),  # no time: can never expire, so not used
+    ({"computeTflops": -1, "measuredAt": "2026-12-07T11:00:00Z"}, "computeTflops"),
+    ({"computeTflops": "fast", "measuredAt": "2026-12-07T11:00:00Z"}, "computeTflops"),
+    ({"computeTflops": 9.5, "measuredAt": "yesterday"}, "measuredAt"),
+    ({"computeTflops": 9.5, "measuredAt": "2026-12-07T11:00:00"}, "measuredAt"),  # no zone
+    ("{not json", "malformed"),
+    ([1, 2], "malformed"),
+])
+def test_a_measurement_is_used_while_fresh_and_well_formed(annotation: object,
+                                                           warned: str | None) -> None:
+    labels = {"spantrain.io/compute-tflops": "3"}
+    raw = annotation if isinstance(annotation, str) else json.dumps(annotation)
+    facts = inventory.read_node(node("edge-7", labels, annotations={"spantrain.io/profile": raw}),
+                                now=NOW)
+    if warned is None:
+        assert (facts.compute_tflops, facts.compute_source, facts.warning) == (9.5, "measured",
+                                                                               None)
+        return
+    # ignored: the label holds, and the warning names the node and what was wrong
+    assert (facts.compute_tflops, facts.compute_source) == (3.0, "label")
+    assert facts.warning is not None and "edge-7" in facts.warning and warned in facts.warning
+    inv = inventory.build_inventory(
+        [node("edge-7", labels, annotations={"spantrain.io/profile": raw})], PlacementSpec(),
+        now=NOW)
+    assert inv.warnings == (facts.warning,)
+    assert inv.cluster is not None and inv.cluster.nodes[0].devices[0].compute_tflops == 3.0
+
+
+def test_max_age_is_the_callers() -> None:
+    raw = json.dumps({"computeTflops": 9.5, "measuredAt": "2026-12-07T06:00:00Z"})
+    n = node("n", {}, annotations={"spantrain.io/profile": raw})
+    assert inventory.read_node(n, NOW).compute_tflops == 9.5  # 6 h < the default 24 h
+    assert inventory.read_node(n, NOW, timedelta(hours=1)).compute_source != "measured"

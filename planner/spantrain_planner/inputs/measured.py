@@ -188,6 +188,42 @@ class DeviceMeasurement(_Model):
         return out
 
 
+class ProfileAnnotation(BaseModel):
+    """A node's ``spantrain.io/profile`` annotation as the operator reads it: what
+    ``DeviceMeasurement.annotation`` writes (or ``scripts/e2e``'s calibration). Unknown keys are
+    ignored (a newer profiler may add some); every figure is checked, and ``measuredAt`` is
+    required, because a measurement without a time can never expire."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
+                              frozen=True)
+
+    compute_tflops: float | None = Field(None, gt=0, le=1e6)
+    layer_overhead_us: float | None = Field(None, ge=0, le=1e9)
+    memory_bytes: int | None = Field(None, gt=0)
+    bandwidth_mbps: float | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, ge=0)
+    kind_factors: dict[str, float] = Field(default_factory=dict)
+    measured_at: AwareDatetime
+    source: str | None = None
+
+
+def read_profile_annotation(
+    raw: str, *, now: datetime | None, max_age: timedelta = DEFAULT_MAX_AGE
+) -> tuple[ProfileAnnotation | None, str | None]:
+    """(the annotation, None) when it is well-formed and fresh at ``now`` (None: age not
+    checked); else (None, why it is ignored, in words a warning can carry)."""
+    try:
+        prof = ProfileAnnotation.model_validate_json(raw)
+    except ValueError as err:
+        first = str(err).splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
+        return None, f"malformed ({detail}); using labels and defaults"
+    if now is not None and now - prof.measured_at > max_age:
+        return None, (f"measured at {timestamp(prof.measured_at)}, older than "
+                      f"{max_age.total_seconds() / 3600:g} h: expired; using labels and defaults")
+    return prof, None
+
+
 class LinkMeasurement(_Model):
     """One directed node pair: ``src`` sends, ``dst`` receives."""
 
