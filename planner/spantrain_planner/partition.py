@@ -184,21 +184,25 @@ def partition_layers(
         cur_row = best[j + 1]
         cur_total = total[j + 1]
         cur_back = back[j + 1]
+        lowest = 0  # the first start whose range to ``end`` fits (more layers need more memory)
         for end in range(lo_end, hi_end + 1):
             if last and end != num_layers:
                 continue
+            while lowest < end and any(
+                (params[end] - params[lowest]) * copies + r * (stash[end] - stash[lowest])
+                > capacity
+                for capacity, r in rows
+            ):
+                lowest += 1
             comm = 0.0 if last else 2.0 * (out_bytes[end - 1] * lf + ll)
             best_here = inf
             best_sum = inf
             arg = -1
-            for start in range(min(end - 1, top_start), j - 1, -1):
+            for start in range(min(end - 1, top_start), max(lowest, j) - 1, -1):
                 pb = params[end] - params[start]
-                sb = stash[end] - stash[start]
-                if any(pb * copies + r * sb > capacity for capacity, r in rows):
-                    break  # more layers only need more memory
                 compute = sf * (work[end] - work[start]) + oh * (end - start)
                 ar = (arx * pb + ary) / m if arx else 0.0
-                c = max(compute, comm) + ar
+                c = (comm if comm > compute else compute) + ar
                 if c > best_here:
                     break  # cost only grows as the stage takes more layers
                 prev = prev_row[start]
@@ -358,7 +362,9 @@ def joint_partition(
                         continue
                     pb = params[l1] - params[l0]
                     compute = slow * (work[l1] - work[l0]) + overhead3 * (l1 - l0)
-                    c = max(compute, comm) + ((arx * pb + ary) / m if arx else 0.0)
+                    c = (comm if comm > compute else compute) + (
+                        (arx * pb + ary) / m if arx else 0.0
+                    )
                     if c >= best_here:
                         break  # c only grows with more layers: no longer start can win
                     v = prev if prev > c else c
