@@ -341,6 +341,9 @@ def _run(
             state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes,
                                        now, DEFAULT_IMAGE)
             decision = reconcile.decide(state)
+            # the plan's ConfigMap was created just above: not again (a 409 round trip)
+            decision.create = [o for o in decision.create if o["metadata"]["name"] !=
+                               cm["metadata"]["name"] or o["kind"] != "ConfigMap"]
     _apply(body, old_status, decision, logger, state)
     if decision.restarted:
         metrics.restarted(namespace, name)
@@ -402,8 +405,11 @@ def _fallback_spec() -> api.SpanTrainJobSpec:
 CHILD_TRIES = 3
 #: creates one job's pods concurrently (the API client's pool is ``Settings.workers`` wide)
 _creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spantrain-create")
-#: reconciles a job whose plan just finished (``PlanQueue.when_done``)
-_followups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spantrain-planned")
+#: reconciles a job whose plan just finished (``PlanQueue.when_done``): as wide as kopf's
+#: pool, since 50 plans can finish within seconds and each pass waits on a few API round
+#: trips (2 threads queued them for seconds, longer than the timer tick that also takes them)
+_followups = ThreadPoolExecutor(max_workers=SETTINGS.workers,
+                                thread_name_prefix="spantrain-planned")
 _refusals: dict[str, tuple[int, float]] = {}  # job uid -> (refusals in a row, retry after)
 
 
