@@ -25,8 +25,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -316,8 +316,7 @@ def _run(
                 # queued or running: reconcile again as soon as the plan is done (the timer
                 # comes back too, in case this process restarts)
                 _planner.when_done(uid, functools.partial(
-                    _followups.submit, run, namespace, name, uid, pods_index, nodes_index,
-                    logger))
+                    _follow_up, run, namespace, name, uid, pods_index, nodes_index, logger))
                 return
             metrics.PLANS_QUEUED.set(_planner.queued())
             metrics.planned(namespace, name, reason)
@@ -344,6 +343,9 @@ def _run(
             state = reconcile.JobState(job, generation, spec, old_status, plan, pods, nodes,
                                        now, DEFAULT_IMAGE)
             decision = reconcile.decide(state)
+            # the plan's ConfigMap was created just above: not again (a 409 round trip)
+            decision.create = [o for o in decision.create if o["metadata"]["name"] !=
+                               cm["metadata"]["name"] or o["kind"] != "ConfigMap"]
     _apply(body, old_status, decision, logger, state)
     if decision.restarted:
         metrics.restarted(namespace, name)
@@ -405,9 +407,25 @@ def _fallback_spec() -> api.SpanTrainJobSpec:
 CHILD_TRIES = 3
 #: creates one job's pods concurrently (the API client's pool is ``Settings.workers`` wide)
 _creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spantrain-create")
-#: reconciles a job whose plan just finished (``PlanQueue.when_done``)
-_followups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spantrain-planned")
+#: reconciles a job whose plan just finished (``PlanQueue.when_done``): as wide as kopf's
+#: pool, since 50 plans can finish within seconds and each pass waits on a few API round
+#: trips (2 threads queued them for seconds, longer than the timer tick that also takes them)
+_followups = ThreadPoolExecutor(max_workers=SETTINGS.workers,
+                                thread_name_prefix="spantrain-planned")
 _refusals: dict[str, tuple[int, float]] = {}  # job uid -> (refusals in a row, retry after)
+
+
+def _follow_up(fn: Callable[..., Any], namespace: str, name: str, *args: Any) -> None:
+    """Run ``fn`` (a reconcile pass) on the follow-up pool; a failure is logged, not lost
+    (the timer still comes back to the job)."""
+    def done(fut: Future[Any]) -> None:
+        err = fut.exception()
+        if err is not None:
+            logging.getLogger(__name__).error(
+                "%s/%s: reconcile after planning failed: %s", namespace, name, err,
+                exc_info=err)
+
+    _followups.submit(fn, namespace, name, *args).add_done_callback(done)
 
 
 def _apply(

@@ -589,7 +589,13 @@ def node_manifest(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _node_ready(node: k8s_client.V1Node) -> bool:
+def _node_ready(node: k8s_client.V1Node, *, untainted: bool = False) -> bool:
+    """Ready=True; with ``untainted`` also without the ``node.kubernetes.io/not-ready`` taint,
+    which the node lifecycle controller removes some time after the condition turns True
+    (under load, many seconds after: nothing can be placed there until then)."""
+    if untainted and any(t.key == "node.kubernetes.io/not-ready"
+                         for t in (node.spec.taints or []) if node.spec):
+        return False
     for cond in (node.status.conditions or []) if node.status else []:
         if cond.type == "Ready":
             return bool(cond.status == "True")
@@ -623,15 +629,17 @@ class ClusterHelpers:
                 names.append(manifest["metadata"]["name"])
         return names
 
-    def wait_nodes_ready(self, names: Iterable[str], timeout: float = 60.0) -> None:
-        """Wait until every named node has condition Ready=True (KWOK sets it)."""
+    def wait_nodes_ready(self, names: Iterable[str], timeout: float = 60.0, *,
+                         untainted: bool = False) -> None:
+        """Wait until every named node has condition Ready=True (KWOK sets it) and, with
+        ``untainted``, its not-ready taint is gone too (``_node_ready``)."""
         pending = set(names)
         deadline = time.monotonic() + timeout
         with self.api_client() as api:
             core = k8s_client.CoreV1Api(api)
             while True:
                 for node in core.list_node().items:
-                    if node.metadata.name in pending and _node_ready(node):
+                    if node.metadata.name in pending and _node_ready(node, untainted=untainted):
                         pending.discard(node.metadata.name)
                 if not pending:
                     return

@@ -189,21 +189,25 @@ def partition_layers(
         cur_row = best[j + 1]
         cur_total = total[j + 1]
         cur_back = back[j + 1]
+        lowest = 0  # the first start whose range to ``end`` fits (more layers need more memory)
         for end in range(lo_end, hi_end + 1):
             if last and end != num_layers:
                 continue
+            while lowest < end and any(
+                (params[end] - params[lowest]) * copies + r * (stash[end] - stash[lowest])
+                > capacity
+                for capacity, r in rows
+            ):
+                lowest += 1
             comm = 0.0 if last else 2.0 * (out_bytes[end - 1] * lf + ll)
             best_here = inf
             best_sum = inf
             arg = -1
-            for start in range(min(end - 1, top_start), j - 1, -1):
+            for start in range(min(end - 1, top_start), max(lowest, j) - 1, -1):
                 pb = params[end] - params[start]
-                sb = stash[end] - stash[start]
-                if any(pb * copies + r * sb > capacity for capacity, r in rows):
-                    break  # more layers only need more memory
                 compute = sf * (work[end] - work[start]) + oh * (end - start)
                 ar = (arx * pb + ary) / m if arx else 0.0
-                c = max(compute, comm) + ar
+                c = (comm if comm > compute else compute) + ar
                 if c > best_here:
                     break  # cost only grows as the stage takes more layers
                 prev = prev_row[start]
@@ -302,6 +306,7 @@ def joint_partition(
     ]
     f[0][0] = 0.0
     stages: dict[tuple[int, int], StageDevices | None] = {}
+    first_finite = [0]  # per unit prefix: the fewest layers it can hold (num_layers: none)
     for k in range(1, num_units + 1):
         if skip_units:
             # leave unit k-1 out: the best placements of the first k-1 units stay valid
@@ -338,24 +343,41 @@ def joint_partition(
             else:
                 arx = ary = 0.0
             prev_row = f[k0]
+            # the layers [l0, l1) this stage can hold: a longer range needs no less memory,
+            # so for each end the feasible starts are a suffix [lowest, l1), and ``lowest``
+            # never moves back as the end grows
+            first = first_finite[k0]
+            lowest = 0
+            row, back_row = f[k], back[k]
             for l1 in range(1, num_layers + 1):
+                while lowest < l1 and any(
+                    (params[l1] - params[lowest]) * copies + r * (stash[l1] - stash[lowest]) > cap
+                    for cap, r in rows
+                ):
+                    lowest += 1
+                if lowest >= l1 or first >= l1:
+                    continue
                 comm = 0.0
                 if nxt is not None and l1 < num_layers:
                     comm = 2.0 * (lat + b * out_bytes[l1 - 1] / bw)
-                for l0 in range(l1 - 1, -1, -1):
-                    pb = params[l1] - params[l0]
-                    sb = stash[l1] - stash[l0]
-                    if any(pb * copies + r * sb > cap for cap, r in rows):
-                        break
+                best_here = row[l1]
+                for l0 in range(l1 - 1, max(lowest, first) - 1, -1):
                     prev = prev_row[l0]
                     if prev == inf:
                         continue
+                    pb = params[l1] - params[l0]
                     compute = slow * (work[l1] - work[l0]) + overhead3 * (l1 - l0)
-                    c = max(compute, comm) + ((arx * pb + ary) / m if arx else 0.0)
+                    c = (comm if comm > compute else compute) + (
+                        (arx * pb + ary) / m if arx else 0.0
+                    )
+                    if c >= best_here:
+                        break  # c only grows with more layers: no longer start can win
                     v = prev if prev > c else c
-                    if v < f[k][l1]:
-                        f[k][l1] = v
-                        back[k][l1] = (k0, l0)
+                    if v < best_here:
+                        best_here = v
+                        back_row[l1] = (k0, l0)
+                row[l1] = best_here
+        first_finite.append(next((x for x in range(num_layers) if f[k][x] < inf), num_layers))
     results: list[tuple[float, list[StageDevices], list[tuple[int, int]]]] = []
     for k in range(1, num_units + 1):
         if f[k][num_layers] == inf:

@@ -90,8 +90,9 @@ def zero_bubble(
     while heap:
         now, s = heapq.heappop(heap)
         if done[s] or now < free[s]:
-            if not done[s]:
-                heapq.heappush(heap, (free[s], s))
+            # busy: the entry (free[s], s) its running action pushed is still queued (times
+            # never go back), so this one is dropped rather than queued again as a duplicate
+            # (duplicates multiply: every busy stage's entries would come back at once)
             continue
         cost = costs[s]
         inflight = next_f[s] - next_b[s]  # forwards whose B has not run

@@ -532,12 +532,23 @@ def _score(searcher: _Searcher, groups: Sequence[NetworkGroup]) -> tuple[Plan, S
     schedules: list[Schedule] = options.schedules()
     best: tuple[tuple[object, ...], Plan, SimResult, Candidate] | None = None
     worst_violation: tuple[str, int, int] | None = None
+    # a candidate scored again (a finalist's probe schedule, a polish move back) changes
+    # nothing: the same simulation offers the same key to ``best`` and ``worst_violation``
+    scored_before: dict[tuple[object, ...], float] = {}
 
     def score(cand: Candidate, schedule: Schedule, relaxed: bool) -> float:
         nonlocal best, worst_violation
         if time.monotonic() > searcher.deadline:
             searcher.stats.truncated = True
             raise _OutOfTime
+        memo = (cand.key, cand.stages, cand.ranges, cand.num_microbatches, schedule, relaxed)
+        if memo in scored_before:
+            return scored_before[memo]
+        scored_before[memo] = value = _simulate_candidate(cand, schedule, relaxed)
+        return value
+
+    def _simulate_candidate(cand: Candidate, schedule: Schedule, relaxed: bool) -> float:
+        nonlocal best, worst_violation
         layouts = [
             StageLayout(r[0], r[1], st.devices, st.shares, st.network_group)
             for st, r in zip(cand.stages, cand.ranges, strict=True)
