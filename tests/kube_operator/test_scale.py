@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.scale]
 
 NUM_JOBS = 50
 NODES_PER_POOL = 10
+P99_TARGET_SECONDS = 15.0  # apply -> all of a job's pods created, 99th percentile
 
 
 def pool_nodes(pool: int) -> list[dict[str, Any]]:
@@ -243,6 +244,9 @@ def test_50_jobs_on_500_nodes(
         plan_s = REGISTRY.get_sample_value("spantrain_operator_plan_seconds_sum") or 0
         print(f"scale: {plans:.0f} plans in this process, {plan_s / max(plans, 1):.2f} s each "
               f"on average ({plan_s:.1f} s in all)")
+        # issue 13's target; on this 2-core machine, alone, p99 was 10.0-12.0 s in 5 runs
+        assert _p99(lat) <= P99_TARGET_SECONDS, (
+            f"apply -> all pods created p99 {_p99(lat):.2f} s > {P99_TARGET_SECONDS} s")
     finally:
         for spec in specs:
             with contextlib.suppress(Exception):
