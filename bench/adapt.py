@@ -19,7 +19,8 @@ real worker, one process per rank, and changes the cluster mid-run:
 
 Output: a table and the machine-readable last line ``recovered=… recovered_device=…
 jitter_changes=… loss_spike=… profiler_bw_error=… profiler_compute_error=…`` (``nan`` where a
-figure was not measured). Run: ``python bench/adapt.py [--quick]`` as root.
+figure was not measured); the profiler's figures come from a separate two-device testbed of
+known limits (``profiler_check``). Run: ``python bench/adapt.py [--quick]`` as root.
 """
 
 from __future__ import annotations
@@ -218,6 +219,43 @@ def widest_stage_device(plan: Plan) -> str:
     return stage.devices[-1].device_id
 
 
+#: the profiler check's testbed: a quarter-core and a half-core device on two nodes, and an
+#: asymmetric link between them (``tests/testbed/test_profiler.py`` runs the same)
+PROFILER_LIMITS_MBPS = {("slow", "fast"): 40.0, ("fast", "slow"): 100.0}
+
+
+def profiler_check(instance: int = 211, port: int = 29711) -> dict[str, Any]:
+    """Profile a testbed whose limits are known; returns the measurement, the quotas and the
+    errors: the worst bandwidth error over both directions, and the compute-ratio error (the
+    devices' fastest samples, which other work on the machine disturbs least)."""
+    from spantrain_worker.profilecluster import profile_testbed
+
+    spec = ClusterSpec.model_validate({
+        "name": "profiled",
+        "nodes": [
+            {"name": "slow", "devices": [{"computeTflops": 1, "memoryBytes": "1Gi"}]},
+            {"name": "fast", "devices": [{"computeTflops": 2, "memoryBytes": "1Gi"}]},
+        ],
+        "links": {"matrix": [{"a": a, "b": b, "bandwidthMbps": mbps}
+                             for (a, b), mbps in PROFILER_LIMITS_MBPS.items()]},
+    })
+    with Testbed(resolve(spec), instance=instance, cores_per_tflops=0.25) as tb:
+        cores = [q.cores for q in tb.quotas]
+        measured = profile_testbed(
+            tb, bench_args=["--kinds", "matmul,attention", "--precisions", "fp32",
+                            "--samples", "5", "--sample-seconds", "0.2"],
+            probe_args=["--repeats", "5", "--target-seconds", "0.5"], port=port)
+    bw_errors = []
+    for (a, b), mbps in PROFILER_LIMITS_MBPS.items():
+        link = measured.link(a, b)
+        bw_errors.append(abs(link.bandwidth_mbps.median / mbps - 1) if link else float("inf"))
+    slow, fast = measured.device("slow"), measured.device("fast")
+    ratio = (fast.effective_flops(best=True) / slow.effective_flops(best=True)
+             if slow and fast else float("nan"))
+    return {"measurement": measured, "cores": cores, "bw_error": max(bw_errors),
+            "compute_ratio": ratio, "compute_error": abs(ratio / (cores[1] / cores[0]) - 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,13 +318,18 @@ def main() -> int:
             print(f"  {sc.name}: {r}", flush=True)
     print(table(["scenario", "status", "before", "during", "after", "fresh", "adaptations",
                  "at step", "loss spike"], rows))
+    prof = profiler_check()
+    print(f"profiler on a testbed of known limits: bandwidth error {prof['bw_error']:.1%} "
+          f"(worst direction), compute ratio {prof['compute_ratio']:.3f} against the quotas' "
+          f"{prof['cores'][1] / prof['cores'][0]:g} (error {prof['compute_error']:.1%})")
     dev, link, jit = (sc.result for sc in scenarios)
     recovered = _ratio(link.get("after") or link.get("during"), link.get("fresh"))
     recovered_device = _ratio(dev.get("after") or dev.get("during"), dev.get("fresh"))
     spike = max(sc.result["loss_spike"] for sc in scenarios)
     print(f"recovered={recovered:.3f} recovered_device={recovered_device:.3f} "
           f"jitter_changes={jit['adaptations']} loss_spike={spike} "
-          f"profiler_bw_error=nan profiler_compute_error=nan")
+          f"profiler_bw_error={prof['bw_error']:.3f} "
+          f"profiler_compute_error={prof['compute_error']:.3f}")
     return 0
 
 
