@@ -266,7 +266,10 @@ def main() -> int:
     args = parser.parse_args()
     steps = 40 if args.quick else 80
     prof = profile()
-    options = PlannerOptions(global_batch=args.batch)
+    # 4 micro-batches, for this plan and the fresh ones: rows of a micro-batch that shares
+    # inside a stage can move (a plan with one row per device and micro-batch can only be
+    # helped by a micro-batch-count change, which the adapter does not make yet)
+    options = PlannerOptions(global_batch=args.batch, num_microbatches=4)
     per_core = core_tflops()
     spec = cluster(per_core)
     topo: Topology = resolve(spec)

@@ -68,6 +68,11 @@ def state_path(instance: int) -> Path:
     return STATE_DIR / f"stb{instance}.json"
 
 
+def pace_path(instance: int, index: int) -> Path:
+    """The file holding a device's current CPU share (``contract.PACE_FILE``)."""
+    return STATE_DIR / f"stb{instance}-d{index}.pace"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists (one of another user's counts: it cannot be ours to
     sweep). Also used by the tests' control-plane harness for its own leftovers."""
@@ -104,6 +109,8 @@ def _sweep_unlocked(instance: int) -> None:
     netns.remove(instance)
     with contextlib.suppress(FileNotFoundError):
         state_path(instance).unlink()
+    for pace in STATE_DIR.glob(f"stb{instance}-d*.pace"):
+        pace.unlink(missing_ok=True)
 
 
 def instances_present() -> set[int]:
@@ -199,6 +206,8 @@ class Testbed:
             state_path(self.instance).write_text(json.dumps(self.describe(), indent=1))
             try:
                 cgroups.create(self.instance, self.quotas, self.shares)
+                for q in self.quotas:
+                    pace_path(self.instance, q.index).write_text(f"{q.cores:.6g}\n")
                 netns.apply(self.net)
             except BaseException:
                 _sweep_unlocked(self.instance)
@@ -254,6 +263,7 @@ class Testbed:
         dev = self.net.devices[index]
         return {
             contract.PACE_CORES: f"{self.quotas[index].cores:.6g}",
+            contract.PACE_FILE: str(pace_path(self.instance, index)),
             "GLOO_SOCKET_IFNAME": dev.ns_if,
             "TP_SOCKET_IFNAME": dev.ns_if,
             contract.DEVICE_ADDR: dev.address,
@@ -323,6 +333,8 @@ class Testbed:
         index = self.device_index(device)
         self.quotas[index] = replace(self.quotas[index], cores=cores)
         cgroups.set_limits(self.instance, [self.quotas[index]])
+        # the workers' pacing follows (their actions last at least CPU time / share)
+        pace_path(self.instance, index).write_text(f"{cores:.6g}\n")
 
     def scale_links(self, factor: float, interfaces: Iterable[str] | None = None) -> None:
         """Set the token buckets of ``interfaces`` (default: every shaped one) to ``factor``

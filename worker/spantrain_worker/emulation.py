@@ -40,6 +40,9 @@ from pydantic.alias_generators import to_camel
 from spantrain_planner.inputs.cluster import Topology
 from spantrain_planner.inputs.plan import Plan
 
+#: how often a worker re-reads its device's CPU share from ``Emulation.pace_file``
+PACE_REREAD_SECONDS = 0.25
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(
@@ -61,6 +64,9 @@ class Emulation(_Model):
     pace_cores: float | None = Field(
         None, gt=0, description="This device's CPU share on the testbed: every compute action "
         "lasts at least its CPU time / this share (no burst after idle).")
+    pace_file: str | None = Field(
+        None, description="A file holding the device's current CPU share (the testbed rewrites "
+        "it when it changes the quota); read instead of pace_cores when present.")
     links: list[Link] = Field(default_factory=list)
     stage_ranks: list[list[int]] = Field(default_factory=list)
 
@@ -130,6 +136,23 @@ class Emulator:
         self.slowdown = emulation.slowdown.get(rank, 1.0)
         self.links_enabled = bool(emulation.links)
         self._channel_free: dict[int, float] = {}
+        self._pace = emulation.pace_cores
+        self._pace_read = 0.0
+
+    def pace_cores(self) -> float | None:
+        """The device's CPU share now: ``pace_file``'s value (re-read at most every quarter
+        second; the testbed rewrites it when it changes the quota), else ``pace_cores``."""
+        path = self.spec.pace_file
+        now = time.monotonic()
+        if path and now - self._pace_read >= PACE_REREAD_SECONDS:
+            self._pace_read = now
+            try:
+                value = float(Path(path).read_text())
+            except (OSError, ValueError):
+                value = 0.0
+            if value > 0:
+                self._pace = value
+        return self._pace
 
     def pad_compute(self, elapsed: float, cpu: float | None = None) -> float:
         """After an action of ``elapsed`` wall and ``cpu`` thread-CPU seconds: the slowdown's
@@ -143,8 +166,8 @@ class Emulator:
             target = cpu * self.slowdown if cpu is not None else elapsed * self.slowdown
             if target > elapsed:
                 time.sleep(target - elapsed)
-        elif self.spec.pace_cores is not None and cpu is not None:
-            short = cpu / self.spec.pace_cores - elapsed
+        elif (pace := self.pace_cores()) is not None and cpu is not None:
+            short = cpu / pace - elapsed
             if short > 0:
                 time.sleep(short)
         else:

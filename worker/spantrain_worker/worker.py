@@ -69,7 +69,8 @@ def run(env: dict[str, str] | None = None) -> int:
     comm = Comm(plan, renv.rank)
     emulation = load_emulation(wenv.emulation_path)
     if wenv.pace_cores is not None:
-        emulation = emulation.model_copy(update={"pace_cores": wenv.pace_cores})
+        emulation = emulation.model_copy(update={"pace_cores": wenv.pace_cores,
+                                                 "pace_file": wenv.pace_file})
     trainer = StageTrainer(
         plan, renv.rank, cfg, comm, device=device,
         emulation=emulation,

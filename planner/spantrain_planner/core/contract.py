@@ -48,6 +48,9 @@ EMULATION = PREFIX + "EMULATION"  #: emulation file (``spantrain local`` only)
 RENDEZVOUS_TIMEOUT = PREFIX + "RENDEZVOUS_TIMEOUT"  #: seconds to wait for every rank
 DEVICE = PREFIX + "DEVICE"  #: auto | cpu | cuda
 PACE_CORES = PREFIX + "PACE_CORES"  #: the testbed device's CPU share (pads compute actions)
+#: a file holding the device's current CPU share: the testbed rewrites it when it changes a
+#: quota under a running job, and the worker's pacing follows
+PACE_FILE = PREFIX + "PACE_FILE"
 POD_IP = PREFIX + "POD_IP"  #: the pod's address (picks gloo's / NCCL's interface)
 NUM_THREADS = PREFIX + "NUM_THREADS"  #: torch intra-op threads
 TIMELINE_STEPS = PREFIX + "TIMELINE_STEPS"  #: comma-separated steps whose timeline is kept
@@ -138,6 +141,7 @@ class WorkerEnv:
     rendezvous_timeout: float = RENDEZVOUS_TIMEOUT_SECONDS
     device: str = "auto"
     pace_cores: float | None = None
+    pace_file: str | None = None
     num_threads: int | None = None
     timeline_steps: str | None = None
     dump_grads_step: int | None = None
@@ -169,6 +173,7 @@ class WorkerEnv:
             rendezvous_timeout=number(env, RENDEZVOUS_TIMEOUT, RENDEZVOUS_TIMEOUT_SECONDS),
             device=device,
             pace_cores=pace or None,
+            pace_file=env.get(PACE_FILE) or None,
             num_threads=threads,
             timeline_steps=env.get(TIMELINE_STEPS) or None,
             dump_grads_step=dump,
@@ -185,6 +190,7 @@ class WorkerEnv:
             OUTPUT_DIR: self.output_dir,
             EMULATION: self.emulation_path,
             PACE_CORES: None if self.pace_cores is None else f"{self.pace_cores:.6g}",
+            PACE_FILE: self.pace_file,
             NUM_THREADS: self.num_threads,
             TIMELINE_STEPS: self.timeline_steps,
             DUMP_GRADS_STEP: self.dump_grads_step,
