@@ -266,10 +266,11 @@ def main() -> int:
     args = parser.parse_args()
     steps = 40 if args.quick else 80
     prof = profile()
-    # 4 micro-batches, for this plan and the fresh ones: rows of a micro-batch that shares
-    # inside a stage can move (a plan with one row per device and micro-batch can only be
-    # helped by a micro-batch-count change, which the adapter does not make yet)
+    # the running job: 4 micro-batches, so that a micro-batch has rows that shares inside a
+    # stage can move (with one row per device and micro-batch only a micro-batch-count change
+    # could help, which the adapter does not make yet); the fresh plans: the planner's choice
     options = PlannerOptions(global_batch=args.batch, num_microbatches=4)
+    fresh_options = PlannerOptions(global_batch=args.batch)
     per_core = core_tflops()
     spec = cluster(per_core)
     topo: Topology = resolve(spec)
@@ -307,7 +308,7 @@ def main() -> int:
                 }
                 if sc.fresh_cluster is not None and sc.change is not None:
                     sc.change(tb)  # the fresh job starts under the changed conditions
-                    fresh_plan, _ = search(resolve(sc.fresh_cluster), prof, options)
+                    fresh_plan, _ = search(resolve(sc.fresh_cluster), prof, fresh_options)
                     port += 1
                     fresh = train(tb, fresh_plan, work / f"{sc.name}-fresh", steps=steps // 2,
                                   port=port, adapt="off")
