@@ -29,7 +29,6 @@ from spantrain_planner.passes.adapt import (
     AdaptPolicy,
     Detector,
     Rebalance,
-    rebalance,
     window_median,
 )
 
@@ -78,11 +77,10 @@ class Adapter:
         (seconds per row, per rank), the gain a re-balance would promise, and its streak."""
         if self.out_dir is None or self.trainer.role.rank != 0:
             return
-        candidate = rebalance(self.trainer.plan, measured, self.detector.policy)
         with (self.out_dir / "adapter.jsonl").open("a") as fh:
             fh.write(json.dumps({
                 "step": step, "secondsPerRow": {str(r): v for r, v in measured.items()},
-                "gain": round(candidate.gain, 4) if candidate else 0.0,
+                "gain": round(self.detector.last_gain, 4),
                 "streak": self.detector.streak}) + "\n")
 
     def _record(self, step: int, proposal: Rebalance) -> None:

@@ -151,6 +151,7 @@ class Detector:
     policy: AdaptPolicy = field(default_factory=AdaptPolicy)
     start: int = 0
     streak: int = 0
+    last_gain: float = 0.0  #: the gain the last window's re-balance would have promised
     _since: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -168,6 +169,7 @@ class Detector:
     def propose(self, plan: Plan, seconds_per_row: Mapping[int, float]) -> Rebalance | None:
         """The change to make now, if this window and the ones before it agree."""
         proposal = rebalance(plan, seconds_per_row, self.policy)
+        self.last_gain = proposal.gain if proposal is not None else 0.0
         if proposal is None or proposal.gain < self.policy.threshold:
             self.streak = 0
             return None
