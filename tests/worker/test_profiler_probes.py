@@ -77,6 +77,31 @@ def test_device_benchmark_counts_flops_like_the_planner() -> None:
     assert measured.host.startswith(platform.machine())
 
 
+def test_paced_benchmark_sleeps_its_share_and_times_compute_only() -> None:
+    import time
+
+    import torch
+
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        calls += 1
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:  # 2 ms of CPU
+            pass
+
+    t0 = time.perf_counter()
+    out = devprofile._samples(step, torch.device("cpu"), 2, 0.05, "cpu", duty=0.5)
+    wall = time.perf_counter() - t0
+    assert len(out) == 2
+    for per_step in out:  # the sleeps are not counted, only the compute
+        assert 0.0018 < per_step < 0.004
+    assert wall > 2 * 0.05 / 0.5 * 0.9  # ... but they happen: half the time is sleep
+    with pytest.raises(ValueError, match="duty"):
+        devprofile._samples(step, torch.device("cpu"), 1, 0.01, "cpu", duty=0.0)
+
+
 def test_machine_profile_cache_is_keyed_and_expires(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -32,6 +32,13 @@ from spantrain_planner.inputs.measured import DeviceMeasurement
 #: A cached profile older than this is measured again.
 CACHE_MAX_AGE = timedelta(days=1)
 
+#: With sleep padding, the fastest emulated device of ``spantrain local`` runs at this share of
+#: one core's measured speed: every device is paced by CPU time, and the rest of the core is
+#: headroom for the other workers (and whatever else runs on this machine), so contention does
+#: not show. The one-thread profile is measured at this duty cycle too (``devprofile --duty``):
+#: a device that computes in bursts between sleeps pays cold caches that a hot loop does not.
+LOCAL_SPEED_SHARE = 0.4
+
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -65,7 +72,7 @@ def machine_key(threads: int = 1) -> str:
 
 def cache_key(threads: int = 1) -> str:
     """The cache file's name for this machine: its key and the clock the profile used."""
-    return f"{machine_key(threads)}-{'cpu' if threads == 1 else 'wall'}"
+    return f"{machine_key(threads)}-{'cpu-paced' if threads == 1 else 'wall'}"
 
 
 def cached_profile(threads: int = 1, *, now: datetime | None = None,
@@ -86,11 +93,12 @@ def measure_machine(threads: int = 1, *, quick: bool = False,
     """Run ``devprofile`` (every layer kind, fp32 and the reduced precision) in a child
     process on ``threads`` threads, timed by CPU time on one thread: the emulation paces
     every action by its CPU time, so CPU time is the unit it needs, and it moves less than
-    the wall clock when other processes share the machine."""
+    the wall clock when other processes share the machine. On one thread the loops run at
+    the emulation's duty cycle (``LOCAL_SPEED_SHARE``), as the fastest emulated device does."""
     cmd = [sys.executable, "-m", "spantrain_worker.devprofile", "--node", "localhost",
            "--threads", str(threads)]
     if threads == 1:  # the emulation paces by CPU time: measure in CPU time too
-        cmd += ["--clock", "cpu"]
+        cmd += ["--clock", "cpu", "--duty", str(LOCAL_SPEED_SHARE)]
     if quick:
         cmd += ["--samples", "3", "--sample-seconds", "0.05"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -114,7 +122,7 @@ def machine_profile(
         return hit, True
     path = cache_dir() / f"{cache_key(threads)}.json"
     if say is not None:
-        say(f"profiling this machine (layer micro-benchmarks, about 10 s; cached in {path})")
+        say(f"profiling this machine (layer micro-benchmarks, about 15 s; cached in {path})")
     measured = measure_machine(threads)
     store(measured, threads)
     return measured, False

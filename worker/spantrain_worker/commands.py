@@ -294,12 +294,6 @@ def run_local(args: argparse.Namespace) -> int:
     return _train(plan, out, job.name, ckpt, steps, emulation)
 
 
-#: With sleep padding, the fastest emulated device runs at this share of one core's measured
-#: speed: every device is paced by CPU time, and the rest of the core is headroom for the
-#: other workers (and whatever else runs on this machine), so contention does not show.
-LOCAL_SPEED_SHARE = 0.4
-
-
 def _calibrated(cluster: ClusterSpec, args: argparse.Namespace, family: str,
                 precision: str) -> tuple[ClusterSpec, float | None]:
     """The emulated devices in this machine's measured units (see
@@ -307,7 +301,7 @@ def _calibrated(cluster: ClusterSpec, args: argparse.Namespace, family: str,
     slowdowns are relative to; prints what it did."""
     from spantrain_planner.inputs.measured import FAMILY_KIND, calibrate_emulated
 
-    from .calibration import machine_profile
+    from .calibration import LOCAL_SPEED_SHARE, machine_profile
 
     machine, cached = machine_profile(refresh=args.recalibrate, say=print)
     kind = FAMILY_KIND.get(family)

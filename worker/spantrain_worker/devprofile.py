@@ -158,9 +158,18 @@ def _step_fn(bench: Bench, rows: int, device: torch.device,
 
 
 def _samples(step: Callable[[], None], device: torch.device, samples: int,
-             sample_seconds: float, clock: Clock = "wall") -> list[float]:
+             sample_seconds: float, clock: Clock = "wall", duty: float = 1.0) -> list[float]:
     """Seconds per iteration, ``samples`` times, each over a loop of ``sample_seconds`` of
-    wall clock; timed by the wall clock or by this thread's CPU time (``clock``)."""
+    computing; timed by the wall clock or by this thread's CPU time (``clock``).
+
+    ``duty`` < 1 paces the loop as ``spantrain local``'s sleep padding paces a device: after
+    each iteration the thread sleeps until the iteration took 1/``duty`` of its wall time.
+    A thread that computes in bursts between sleeps starts each burst with caches other
+    processes have used, and so takes more CPU time per iteration than a hot loop (on the
+    development machine +20 % for a GPT block's forward at duty 0.4): the calibration of an
+    emulated device measures what the emulated device will pay."""
+    if not 0 < duty <= 1:
+        raise ValueError(f"duty must be in (0, 1], got {duty}")
     step()
     step()  # warm-up: allocations, kernel selection, autocast caches
     _sync(device)
@@ -168,26 +177,33 @@ def _samples(step: Callable[[], None], device: torch.device, samples: int,
     out = []
     for _ in range(samples):
         n = 0
-        t0, c0 = time.perf_counter(), timer()
+        busy = 0.0
+        spent = 0.0
         while True:
+            t0, c0 = time.perf_counter(), timer()
             step()
-            n += 1
             _sync(device)
-            if time.perf_counter() - t0 >= sample_seconds:
+            n += 1
+            wall = time.perf_counter() - t0
+            spent += timer() - c0
+            busy += wall
+            if duty < 1:
+                time.sleep(wall * (1 / duty - 1))
+            if busy >= sample_seconds:
                 break
-        out.append((timer() - c0) / n)
+        out.append(spent / n)
     return out
 
 
 def measure_kernel(bench: Bench, precision: Precision, device: torch.device, *,
                    samples: int = 5, sample_seconds: float = 0.1,
-                   clock: Clock = "wall") -> KernelMeasurement:
+                   clock: Clock = "wall", duty: float = 1.0) -> KernelMeasurement:
     """Effective FLOP/s and per-pass overhead of one layer kind (see the module)."""
     small, large = bench.rows
     t_small = _samples(_step_fn(bench, small, device, precision), device, samples,
-                       sample_seconds, clock)
+                       sample_seconds, clock, duty)
     t_large = _samples(_step_fn(bench, large, device, precision), device, samples,
-                       sample_seconds, clock)
+                       sample_seconds, clock, duty)
     per_sample = flops_per_sample(bench)
     # the line through the medians; its intercept is the fixed cost of the two passes
     mid_small, mid_large = statistics.median(t_small), statistics.median(t_large)
@@ -242,6 +258,7 @@ def measure_device(
     samples: int = 5,
     sample_seconds: float = 0.1,
     clock: Clock = "wall",
+    duty: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> DeviceMeasurement:
     """Run the micro-benchmarks on this device (``precisions`` None: fp32 and the device's
@@ -272,7 +289,8 @@ def measure_device(
         if progress is not None:
             progress(f"{k}/{len(todo)} {bench.kind} {precision}")
         kernels.append(measure_kernel(bench, precision, dev, samples=samples,
-                                      sample_seconds=sample_seconds, clock=clock))
+                                      sample_seconds=sample_seconds, clock=clock,
+                                      duty=duty))
     if progress is not None:
         progress(f"{len(todo)}/{len(todo)} done")
     return DeviceMeasurement(
@@ -298,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall (default: sees CPU quotas and other processes) or cpu "
                         "(this thread's CPU time: one CPU thread only)")
+    parser.add_argument("--duty", type=float, default=1.0,
+                        help="share of the time each benchmark loop computes, sleeping the "
+                        "rest after every iteration (default 1: a hot loop; spantrain local's "
+                        "calibration measures at its devices' pace)")
     parser.add_argument("--wait", action="store_true",
                         help="print 'ready' once loaded and wait for a line on stdin")
     args = parser.parse_args(argv)
@@ -308,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         node=args.node, index=args.index, device=args.device, threads=args.threads,
         kinds=args.kinds.split(",") if args.kinds else None,
         precisions=args.precisions.split(",") if args.precisions else None,
-        samples=args.samples, sample_seconds=args.sample_seconds, clock=args.clock)
+        samples=args.samples, sample_seconds=args.sample_seconds, clock=args.clock,
+        duty=args.duty)
     print(measured.model_dump_json(by_alias=True), flush=True)
     return 0
 
