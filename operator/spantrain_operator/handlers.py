@@ -40,6 +40,7 @@ from spantrain_planner.core.contract import PLAN_FILE
 from spantrain_planner.core.errors import InputError, PlanningError, PlanTimeoutError
 from spantrain_planner.inputs.cluster import ClusterSpec
 from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.adapt import with_link_speeds
 
 from . import (
     inventory,
@@ -67,7 +68,7 @@ _kube_lock = threading.Lock()
 _job_locks: dict[str, threading.Lock] = {}
 _plans: dict[str, Plan] = {}  # plan hash -> plan (plans are immutable, named by hash)
 _scraper = scrape.Scraper(interval=SETTINGS.progress_interval, timeout=SETTINGS.progress_timeout)
-_planner: planqueue.PlanQueue[tuple[Plan, float]] = planqueue.PlanQueue(
+_planner: planqueue.PlanQueue[tuple[Plan, float, str]] = planqueue.PlanQueue(
     processes=SETTINGS.planner_processes
 )
 
@@ -216,9 +217,11 @@ class NoEligibleNodes(PlanningError):
 
 
 def eligible_cluster(
-    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str]
+    spec: api.SpanTrainJobSpec, nodes: list[Mapping[str, Any]], *, name: str, exclude: list[str],
+    link_speeds: Mapping[tuple[str, str], float] | None = None,
 ) -> ClusterSpec:
-    """The nodes the job's placement selects, as the planner's cluster description."""
+    """The nodes the job's placement selects, as the planner's cluster description; with the
+    link speeds the job's workers measured (``status.measuredLinks``) over the labels'."""
     inv = inventory.build_inventory(nodes, spec.placement, name=name, exclude=exclude,
                                     now=datetime.now(UTC))
     for warning in inv.warnings:  # measured facts that were malformed or expired
@@ -233,7 +236,7 @@ def eligible_cluster(
             f"and schedulable){': ' + why if why else ''}; waiting for such a node (or relax "
             "spec.placement)"
         )
-    return inv.cluster
+    return with_link_speeds(inv.cluster, link_speeds or {})
 
 
 def _forget(namespace: str, name: str, uid: str) -> None:
@@ -290,10 +293,11 @@ def _run(
     reason = decision.replan
     if reason:
         exclude = decision.exclude_nodes
-        request = (status.plan_spec_hash(spec), tuple(exclude))
+        links = decision.link_speeds
+        request = (status.plan_spec_hash(spec), tuple(exclude), tuple(sorted(links.items())))
         def plan_args() -> tuple[Any, ...]:  # built when the request is submitted
             cluster = eligible_cluster(spec, list(nodes.values()), name=f"{namespace}/{name}",
-                                       exclude=exclude)
+                                       exclude=exclude, link_speeds=links)
             return spec, cluster, SETTINGS.plan_budget_seconds
 
         try:
@@ -302,6 +306,7 @@ def _run(
             if done is not None:
                 metrics.PLAN_SECONDS.observe(done[1])
             new_plan = done[0] if done is not None else None
+            replan_inputs = done[2] if done is not None else None
         except PlanTimeoutError as err:
             decision = reconcile.plan_failed(state, Reason.PLAN_TIMEOUT, str(err))
         except InputError as err:
@@ -323,7 +328,7 @@ def _run(
             plan = new_plan
             digest = new_plan.digest()
             _plans[digest] = new_plan
-            cm = render.config_map(job, spec, new_plan)
+            cm = render.config_map(job, spec, new_plan, replan_inputs=replan_inputs)
             try:
                 kc.create_if_absent(cm)
             except k8s.Refused as err:

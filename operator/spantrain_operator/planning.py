@@ -16,14 +16,17 @@ import time
 from spantrain_planner import api
 from spantrain_planner.inputs.cluster import ClusterSpec, resolve
 from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.adapt import ReplanInputs
 from spantrain_planner.passes.search import make_plan
 
 
 def plan_job(
     spec: api.SpanTrainJobSpec, cluster: ClusterSpec, budget_seconds: float
-) -> tuple[Plan, float]:
-    """The job's plan and the seconds it took to compute."""
+) -> tuple[Plan, float, str]:
+    """The job's plan, the seconds it took to compute, and what its workers need to plan
+    afresh (``ReplanInputs`` as JSON: the cluster as planned, the model, the options)."""
     started = time.monotonic()
     inputs = api.planner_inputs(spec)
     plan = make_plan(resolve(cluster), inputs.profile, inputs.options, time_budget=budget_seconds)
-    return plan, time.monotonic() - started
+    replan = ReplanInputs(cluster=cluster, profile=inputs.profile, options=inputs.options)
+    return plan, time.monotonic() - started, replan.model_dump_json(by_alias=True)

@@ -82,8 +82,10 @@ class Decision:
     """What to do now. Apply in order: create config, patch status, delete, create pods."""
 
     status: dict[str, Any]
-    replan: str | None = None  # Initial, SpecChanged or NodeLost
+    replan: str | None = None  # Initial, SpecChanged, NodeLost or Replanned
     exclude_nodes: list[str] = field(default_factory=list)
+    #: link speeds the job's workers measured ((a, b) -> Mbit/s): any plan uses them
+    link_speeds: dict[tuple[str, str], float] = field(default_factory=dict)
     create: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: Deletions = field(default_factory=dict)  # pod name -> grace seconds
     delete_config_maps: list[str] = field(default_factory=list)
@@ -169,7 +171,7 @@ def decide(s: JobState) -> Decision:
     st.setdefault("replans", 0)
     st.setdefault("conditions", [])
     st["observedGeneration"] = s.generation
-    d = Decision(status=st)
+    d = Decision(status=st, link_speeds=status.link_speeds(st.get("measuredLinks") or []))
     phase = st.get("phase") or Phase.PENDING
     st["phase"] = phase
 
@@ -188,7 +190,7 @@ def decide(s: JobState) -> Decision:
     d.delete_pods = deletions(obs.stale, dead=True)  # earlier attempts and plans
     planned_nodes = sorted({dv.node for stg in plan.stages for dv in stg.devices})
     p = _Pass(s, st, d, phase, plan, attempt, obs, planned_nodes)
-    for step in (_deadline, _suspend, _lost_nodes, _failures, _succeeded):
+    for step in (_deadline, _suspend, _lost_nodes, _replan_requested, _failures, _succeeded):
         if step(p):
             return d
     _create_missing(p)
@@ -257,6 +259,21 @@ def _lost_nodes(p: _Pass) -> bool:
         d.exclude_nodes = sorted(p.lost)
         return True
     return False
+
+
+def _replan_requested(p: _Pass) -> bool:
+    """Workers that stopped for a re-plan (exit ``REPLAN_EXIT_CODE``, after a checkpoint of
+    every rank): re-plan with the links they measured and restart from that checkpoint. Not
+    a failure (``restarts`` stays); a worker that failed otherwise takes the failure path."""
+    current = list(p.obs.current.values())
+    if any(v.phase == "Failed" and not v.asks_replan for v in current):
+        return False
+    request = status.replan_request(current)
+    if request is None:
+        return False
+    p.d.replan = Reason.REPLANNED
+    p.d.link_speeds = {**p.d.link_speeds, **request.link_speeds()}
+    return True
 
 
 def _failures(p: _Pass) -> bool:
@@ -375,8 +392,19 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
         st["attempt"] = int(st.get("attempt", 0)) + 1
     else:
         st.setdefault("attempt", 0)
-    if reason == Reason.NODE_LOST:
+    if reason in (Reason.NODE_LOST, Reason.REPLANNED):
         st["replans"] = int(st["replans"]) + 1
+    events: list[tuple[str, str, str]] = []
+    if reason == Reason.REPLANNED:
+        attempt = int((s.status or {}).get("attempt", 0))
+        request = status.replan_request(
+            v for v in map(status.pod_view, s.pods) if v.attempt == attempt)
+        if request is not None:
+            st["measuredLinks"] = status.measured_links(st.get("measuredLinks") or [], request,
+                                                        now=s.now)
+            st["adaptations"], message = status.replan_entry(
+                st.get("adaptations") or [], request, attempt=attempt, now=s.now)
+            events.append(("Normal", Reason.REPLANNED, message))
     summary = status.plan_summary(
         plan, config_map=config_map, generation=s.generation,
         spec_hash=status.plan_spec_hash(s.spec), reason=reason, now=s.now,
@@ -394,6 +422,7 @@ def after_plan(s: JobState, plan: Plan, reason: str, *, config_map: str) -> Deci
         )
     _cond(st, s, Cond.PLANNED, True, Reason.PLAN_COMPUTED, f"{reason}: {detail}")
     computed = f"{reason}: {detail} (plan {summary['hash']})"
+    d.events.extend(events)
     d.events.append(("Normal", Reason.PLAN_COMPUTED, computed))
     if reason == Reason.NODE_LOST:
         replanned = f"re-planned on the remaining nodes: {detail}"

@@ -137,8 +137,13 @@ def config_digest(spec: api.SpanTrainJobSpec, plan: Plan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan) -> dict[str, Any]:
-    """The plan ConfigMap: ``plan.json`` (what workers run) and ``job.json`` (the spec)."""
+def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan,
+               replan_inputs: str | None = None) -> dict[str, Any]:
+    """The plan ConfigMap: ``plan.json`` (what workers run), ``job.json`` (the spec) and,
+    when the job may re-plan, ``replan-inputs.json`` (what its workers plan afresh with)."""
+    data = {c.PLAN_FILE: plan.to_json(), c.JOB_FILE: _job_json(spec)}
+    if replan_inputs is not None and may_replan(spec):
+        data[c.REPLAN_INPUTS_FILE] = replan_inputs
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -147,8 +152,14 @@ def config_map(job: JobRef, spec: api.SpanTrainJobSpec, plan: Plan) -> dict[str,
             {L_PLAN: plan.digest()},
         ),
         "immutable": True,
-        "data": {c.PLAN_FILE: plan.to_json(), c.JOB_FILE: _job_json(spec)},
+        "data": data,
     }
+
+
+def may_replan(spec: api.SpanTrainJobSpec) -> bool:
+    """Whether the workers may stop for a re-plan: the adapter is in ``replan`` mode and a
+    checkpoint carries the job across the restart."""
+    return spec.planner.adapt == "replan" and bool(spec.training.checkpoint.path)
 
 
 def service(job: JobRef, spec: api.SpanTrainJobSpec) -> dict[str, Any]:
@@ -484,6 +495,9 @@ def _pod_env(slot: _Slot) -> list[dict[str, Any]]:
         training_path=f"{c.PLAN_MOUNT}/{c.JOB_FILE}",
         job=slot.job.name, namespace=slot.job.namespace, metrics_port=slot.metrics_port,
         device="cuda" if slot.gpu else "cpu", checkpoint_dir=checkpoint.path or None,
+        # the file may be absent (a ConfigMap made without it): the worker then re-balances
+        replan_inputs_path=(f"{c.PLAN_MOUNT}/{c.REPLAN_INPUTS_FILE}" if may_replan(spec)
+                            else None),
     ).to_env())
     if checkpoint.path:
         env[c.CHECKPOINT_INTERVAL] = checkpoint.interval_steps

@@ -21,7 +21,9 @@ from datetime import datetime
 from typing import Any
 
 from spantrain_planner import api
+from spantrain_planner.core.contract import REPLAN_EXIT_CODE
 from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.adapt import ReplanRequest
 
 from .render import L_ATTEMPT, L_PLAN, L_RANK
 
@@ -191,6 +193,13 @@ class PodView:
     deleting: bool
     message: str = ""
     host_network: bool = False
+    exit_code: int | None = None  #: the worker container's, once it terminated
+    termination_message: str = ""  #: what it wrote to its termination log
+
+    @property
+    def asks_replan(self) -> bool:
+        """The worker stopped after a checkpoint so that the job is re-planned."""
+        return self.exit_code == REPLAN_EXIT_CODE
 
     @property
     def terminated(self) -> bool:
@@ -207,9 +216,12 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         for c in status.get("conditions") or []
     )
     message = str(status.get("message") or status.get("reason") or "")
+    exit_code, last_words = None, ""
     for cs in status.get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
         if term and term.get("exitCode"):
+            exit_code = _int_or_none(term.get("exitCode"))
+            last_words = str(term.get("message") or "")
             message = (
                 f"container {cs.get('name')} exited with code {term.get('exitCode')} "
                 f"({term.get('reason', '')})"
@@ -231,7 +243,70 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         deleting=bool(meta.get("deletionTimestamp")),
         message=message,
         host_network=bool((pod.get("spec") or {}).get("hostNetwork")),
+        exit_code=exit_code,
+        termination_message=last_words,
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def replan_request(views: Iterable[PodView]) -> ReplanRequest | None:
+    """The re-plan the current attempt's workers asked for: the first readable request among
+    the pods that exited with ``REPLAN_EXIT_CODE`` (every rank writes the same one), or an
+    empty one (no measured links) when none could be read; None when no worker asked."""
+    asked = sorted((v for v in views if v.asks_replan), key=lambda v: v.rank)
+    if not asked:
+        return None
+    for view in asked:
+        try:
+            return ReplanRequest.model_validate_json(view.termination_message)
+        except ValueError:
+            continue
+    return ReplanRequest(step=0, gain=0.0, measured_links={})
+
+
+def measured_links(old: Sequence[Mapping[str, Any]], request: ReplanRequest, *,
+                   now: datetime) -> list[dict[str, Any]]:
+    """``status.measuredLinks`` with the request's links (newest per pair, the last
+    ``MAX_MEASURED_LINKS``)."""
+    fresh = request.link_speeds()
+    kept = [dict(x) for x in old if (x.get("a"), x.get("b")) not in fresh]
+    added = [{"a": a, "b": b, "bandwidthMbps": round(mbps, 3), "measuredAt": iso(now)}
+             for (a, b), mbps in sorted(fresh.items())]
+    return [*kept, *added][-api.MAX_MEASURED_LINKS:]
+
+
+def link_speeds(entries: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], float]:
+    """``status.measuredLinks`` as the planner takes them ((a, b) -> Mbit/s)."""
+    out = {}
+    for x in entries:
+        try:
+            out[(str(x["a"]), str(x["b"]))] = float(x["bandwidthMbps"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def replan_entry(old: Sequence[Mapping[str, Any]], request: ReplanRequest, *, attempt: int,
+                 now: datetime) -> tuple[list[dict[str, Any]], str]:
+    """``status.adaptations`` with the re-plan, and its event message."""
+    links = ", ".join(f"{k} {v:.1f} Mbit/s" for k, v in sorted(request.measured_links.items()))
+    entry: dict[str, Any] = {
+        "time": iso(now), "kind": "replan", "attempt": attempt, "step": request.step,
+        "reason": ("the step time grew more than the compute explains; links measured: "
+                   + (links or "none reported") + "; layers re-planned, restarted from the "
+                   "checkpoint"),
+        "predictedGain": round(request.gain, 4),
+    }
+    message = (f"workers stopped at step {request.step} for a re-plan (measured "
+               f"{links or 'no links'}; predicted {100 * request.gain:.0f} % faster steps); "
+               "restarting from the checkpoint on the new plan")
+    return [*(dict(a) for a in old), entry][-api.MAX_ADAPTATIONS:], message
 
 
 @dataclass(frozen=True)

@@ -346,11 +346,13 @@ class Testbed:
                     netns.run_cmd(cmd)
 
     def startup_gate(
-        self, losses: Path, devices: Iterable[int | str] | None = None
+        self, losses: Path, devices: Iterable[int | str] | None = None, *, after_rows: int = 0
     ) -> StartupGate:
         """Lift ``devices``' quotas (default: all) until a run writes its first row to
-        ``losses``; see ``StartupGate``."""
-        return StartupGate(self, losses, None if devices is None else tuple(devices))
+        ``losses`` (a restarted run: a row past its first ``after_rows``); see
+        ``StartupGate``."""
+        return StartupGate(self, losses, None if devices is None else tuple(devices),
+                           after_rows=after_rows)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -439,15 +441,16 @@ class StartupGate:
     losses: Path
     devices: tuple[int | str, ...] | None = None
     enforced: bool = False
+    after_rows: int = 0  #: rows already there (a restart): enforce from the next one on
 
     def __post_init__(self) -> None:
         self.testbed.enforce_compute(False, self.devices)
 
     def poll(self) -> bool:
-        """Enforce once the first row is there; True from then on."""
+        """Enforce once the first (new) row is there; True from then on."""
         if not self.enforced:
             with contextlib.suppress(OSError):
-                if self.losses.read_text().strip():
+                if len(self.losses.read_text().splitlines()) > self.after_rows:
                     self.close()
         return self.enforced
 

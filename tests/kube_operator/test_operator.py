@@ -172,6 +172,55 @@ def test_lost_node_replans_on_remaining_nodes(
         control_plane.wait_nodes_ready([victim])
 
 
+def test_workers_stopping_for_a_replan_restart_on_a_plan_with_their_links(
+    kube_api: Any, namespace: str, operator: KopfRunner
+) -> None:
+    from spantrain_planner.core import contract
+    from spantrain_planner.passes.adapt import ReplanInputs, ReplanRequest
+
+    ns = namespace
+    sel = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+                                 "values": ["cpu-4", "cpu-5"]}]}
+    create_job(kube_api, ns, job_manifest(
+        "slowlink", placement=sel,
+        training={"globalBatch": 16, "checkpoint": {"path": "/ckpt", "intervalSteps": 10}}))
+    job = _running(kube_api, ns, "slowlink")
+    cm = k8s_client.CoreV1Api(kube_api).read_namespaced_config_map(
+        job["status"]["plan"]["configMap"], ns)
+    inputs = ReplanInputs.model_validate_json(cm.data[contract.REPLAN_INPUTS_FILE])
+    assert {n.name for n in inputs.cluster.nodes} == {"cpu-4", "cpu-5"}
+    first = live_pods(kube_api, ns, "slowlink")
+    assert all(env_of(p)[contract.REPLAN_INPUTS].endswith(contract.REPLAN_INPUTS_FILE)
+               for p in first)
+    request = ReplanRequest(step=30, gain=0.4, restart_seconds=8.0,
+                            measured_links={"cpu-4->cpu-5": 12.5, "cpu-5->cpu-4": 11.0})
+    for p in first:  # every worker checkpointed and stopped for the re-plan
+        mark_pod_failed(kube_api, p.metadata.name, ns, exit_code=contract.REPLAN_EXIT_CODE,
+                        message=request.model_dump_json(by_alias=True))
+
+    def replanned() -> dict[str, Any] | None:
+        j = phase_is(kube_api, ns, "slowlink", "Running")
+        return j if j and j["status"]["replans"] == 1 else None
+
+    job = wait_for(replanned, 60, "re-plan and Running")
+    st = job["status"]
+    assert st["restarts"] == 0 and st["attempt"] == 1
+    assert st["plan"]["reason"] == "Replanned"
+    assert {(x["a"], x["b"], x["bandwidthMbps"]) for x in st["measuredLinks"]} == {
+        ("cpu-4", "cpu-5", 12.5), ("cpu-5", "cpu-4", 11.0)}
+    entry = st["adaptations"][-1]
+    assert entry["kind"] == "replan" and entry["step"] == 30 and entry["attempt"] == 0
+    assert "Replanned" in events_of(kube_api, ns, "slowlink")
+    names = {p.metadata.name for p in live_pods(kube_api, ns, "slowlink")}
+    assert names and all("-a1-" in n for n in names)
+    # the new plan was made with the measured links: its workers may re-plan from them
+    cm = k8s_client.CoreV1Api(kube_api).read_namespaced_config_map(
+        st["plan"]["configMap"], ns)
+    again = ReplanInputs.model_validate_json(cm.data[contract.REPLAN_INPUTS_FILE])
+    matrix = {(e.a, e.b): e.bandwidth_mbps for e in again.cluster.links.matrix}
+    assert matrix == {("cpu-4", "cpu-5"): 12.5, ("cpu-5", "cpu-4"): 11.0}
+
+
 def test_suspend_deletes_pods_keeps_plan_and_resumes(
     kube_api: Any, namespace: str, operator: KopfRunner
 ) -> None:

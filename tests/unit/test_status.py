@@ -605,3 +605,85 @@ def test_a_status_the_model_does_not_know_is_never_written() -> None:
         status.typed({"phase": "Running", "progres": {"step": 1}})
     with pytest.raises(ValidationError, match="restarts"):
         status.typed({"phase": "Running", "restarts": "two"})
+
+
+# --------------------------------------------------------------------------------------------
+# a re-plan the workers asked for (exit REPLAN_EXIT_CODE, request in the termination message)
+
+
+def _stopped(manifest: dict[str, Any], code: int, message: str = "") -> dict[str, Any]:
+    p = pod(manifest, phase="Failed", ready=False)
+    p["status"]["containerStatuses"] = [{"name": "worker", "state": {"terminated": {
+        "exitCode": code, "reason": "Error", "message": message}}}]
+    return p
+
+
+def test_workers_that_stop_for_a_replan_are_replanned_with_their_links_not_restarted() -> None:
+    from spantrain_planner.core.contract import REPLAN_EXIT_CODE
+    from spantrain_planner.passes.adapt import ReplanRequest
+
+    s = spec(training={"globalBatch": 16, "checkpoint": {"path": "/ckpt"}})
+    st = planned(s)
+    d0 = reconcile.decide(state(st, s=s))
+    running = reconcile.decide(state(d0.status, [pod(p) for p in d0.create
+                                                 if p["kind"] == "Pod"], s=s))
+    manifests = [p for p in d0.create if p["kind"] == "Pod"]
+    request = ReplanRequest(step=40, gain=0.3, restart_seconds=9.0,
+                            measured_links={"cloud-0->edge-0": 21.5, "edge-0->cloud-0": 19.0})
+    words = request.model_dump_json(by_alias=True)
+    # rank 0 still running, the others stopped: already a re-plan (every rank checkpointed)
+    pods = [pod(manifests[0]), *(_stopped(m, REPLAN_EXIT_CODE, words) for m in manifests[1:])]
+    d = reconcile.decide(state(running.status, pods, s=s))
+    assert d.replan == "Replanned" and not d.restarted
+    assert d.link_speeds == {("cloud-0", "edge-0"): 21.5, ("edge-0", "cloud-0"): 19.0}
+    assert d.status["restarts"] == 0
+    after = reconcile.after_plan(state(running.status, pods, s=s), make_plan(), "Replanned",
+                                 config_map="cm2")
+    st2 = after.status
+    assert st2["attempt"] == 1 and st2["replans"] == 1 and st2["restarts"] == 0
+    assert {(x["a"], x["b"], x["bandwidthMbps"]) for x in st2["measuredLinks"]} == {
+        ("cloud-0", "edge-0", 21.5), ("edge-0", "cloud-0", 19.0)}
+    entry = st2["adaptations"][-1]
+    assert entry["kind"] == "replan" and entry["step"] == 40 and entry["predictedGain"] == 0.3
+    assert "cloud-0->edge-0 21.5 Mbit/s" in entry["reason"]
+    kinds = [e[1] for e in after.events]
+    assert kinds[:2] == ["Replanned", "PlanComputed"]
+    assert set(after.delete_pods) == {p["metadata"]["name"] for p in pods}
+    # later plans of the job keep the measured links
+    again = reconcile.decide(state(st2, [], s=s, plan=False))
+    assert again.link_speeds == {("cloud-0", "edge-0"): 21.5, ("edge-0", "cloud-0"): 19.0}
+
+
+def test_a_real_failure_beside_a_replan_request_takes_the_failure_path() -> None:
+    from spantrain_planner.core.contract import REPLAN_EXIT_CODE
+
+    s = spec(failurePolicy={"maxRestarts": 2})
+    st = planned(s)
+    d0 = reconcile.decide(state(st, s=s))
+    manifests = [p for p in d0.create if p["kind"] == "Pod"]
+    pods = [_stopped(manifests[0], 137), *(_stopped(m, REPLAN_EXIT_CODE, "{not json")
+                                           for m in manifests[1:])]
+    d = reconcile.decide(state(d0.status, pods, s=s))
+    assert d.replan is None and d.restarted and d.status["restarts"] == 1
+    # a request that cannot be read still re-plans (with no measured links)
+    only = [_stopped(m, REPLAN_EXIT_CODE, "{not json") for m in manifests]
+    d = reconcile.decide(state(d0.status, only, s=s))
+    assert d.replan == "Replanned" and d.link_speeds == {}
+    views = [status.pod_view(p) for p in only]
+    assert all(v.asks_replan and v.exit_code == REPLAN_EXIT_CODE for v in views)
+    assert status.replan_request(views) is not None
+
+
+def test_the_plan_config_map_carries_replan_inputs_only_when_the_job_may_replan() -> None:
+    from spantrain_planner.core import contract
+
+    plan = make_plan()
+    with_ckpt = spec(training={"globalBatch": 16, "checkpoint": {"path": "/ckpt"}})
+    cm = render.config_map(JOB, with_ckpt, plan, replan_inputs="{}")
+    assert contract.REPLAN_INPUTS_FILE in cm["data"]
+    no_ckpt = spec()
+    assert contract.REPLAN_INPUTS_FILE not in render.config_map(
+        JOB, no_ckpt, plan, replan_inputs="{}")["data"]
+    off = spec(training={"globalBatch": 16, "checkpoint": {"path": "/ckpt"}},
+               planner={"adapt": "rebalance"})
+    assert not render.may_replan(off) and render.may_replan(with_ckpt)

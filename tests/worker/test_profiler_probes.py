@@ -92,14 +92,17 @@ def test_paced_benchmark_sleeps_its_share_and_times_compute_only() -> None:
             pass
 
     t0 = time.perf_counter()
-    out = devprofile._samples(step, torch.device("cpu"), 2, 0.05, "cpu", duty=0.5)
+    out = devprofile._samples([step, step], torch.device("cpu"), 2, 0.05, "cpu", duty=0.5)
     wall = time.perf_counter() - t0
-    assert len(out) == 2
-    for per_step in out:  # the sleeps are not counted, only the compute
+    assert [len(x) for x in out] == [2, 2]  # each step sampled twice, taking turns
+    for per_step in out[0] + out[1]:  # the sleeps are not counted, only the compute
         assert 0.0018 < per_step < 0.004
-    assert wall > 2 * 0.05 / 0.5 * 0.9  # ... but they happen: half the time is sleep
+    # ... but they happen: after every burst of BURST_SECONDS, as long as the burst (duty
+    # 0.5); each 50 ms sample holds one full burst (its last, partial one ends the sample)
+    assert devprofile.BURST_SECONDS == pytest.approx(0.025)
+    assert wall > 4 * (0.05 + devprofile.BURST_SECONDS) * 0.95
     with pytest.raises(ValueError, match="duty"):
-        devprofile._samples(step, torch.device("cpu"), 1, 0.01, "cpu", duty=0.0)
+        devprofile._samples([step], torch.device("cpu"), 1, 0.01, "cpu", duty=0.0)
 
 
 def test_machine_profile_cache_is_keyed_and_expires(tmp_path: Path,

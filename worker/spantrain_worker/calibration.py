@@ -98,7 +98,9 @@ def measure_machine(threads: int = 1, *, quick: bool = False,
     cmd = [sys.executable, "-m", "spantrain_worker.devprofile", "--node", "localhost",
            "--threads", str(threads)]
     if threads == 1:  # the emulation paces by CPU time: measure in CPU time too
-        cmd += ["--clock", "cpu", "--duty", str(LOCAL_SPEED_SHARE)]
+        # more samples than a node profile: this machine's speed drifts by +-15 % over
+        # seconds, and the prediction is only as good as this one number
+        cmd += ["--clock", "cpu", "--duty", str(LOCAL_SPEED_SHARE), "--samples", "7"]
     if quick:
         cmd += ["--samples", "3", "--sample-seconds", "0.05"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -122,7 +124,7 @@ def machine_profile(
         return hit, True
     path = cache_dir() / f"{cache_key(threads)}.json"
     if say is not None:
-        say(f"profiling this machine (layer micro-benchmarks, about 15 s; cached in {path})")
+        say(f"profiling this machine (layer micro-benchmarks, about 20 s; cached in {path})")
     measured = measure_machine(threads)
     store(measured, threads)
     return measured, False

@@ -35,7 +35,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -257,6 +257,10 @@ def plan_channels(plan: Plan) -> list[Channel]:
     return channels
 
 
+#: tags of ``Comm.time_transfers`` (above every tag the runtime's transfers use)
+PROBE_TAG = 1 << 24
+
+
 class Comm:
     """Process groups and the operations the runtime uses, for one rank of one plan."""
 
@@ -312,6 +316,31 @@ class Comm:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def time_transfers(self, transfers: Sequence[tuple[int, int, int]],
+                       device: torch.device) -> list[float]:
+        """Collective (every rank, same list): for each ``(src, dst, num_bytes)``, ``src``
+        sends a one-element marker and then ``num_bytes`` to ``dst``, which times from the
+        marker's arrival to the payload's -- the payload's time on the link, whatever either
+        rank did before. Every rank gets every transfer's seconds."""
+        seconds = torch.zeros(len(transfers), dtype=torch.float64)
+        for k, (src, dst, num_bytes) in enumerate(transfers):
+            if self.rank not in (src, dst):
+                continue
+            marker = torch.zeros(1, device=device)
+            payload = torch.empty(max(1, num_bytes // 4), dtype=torch.float32, device=device)
+            if self.rank == src:
+                dist.send(marker, dst, tag=PROBE_TAG)
+                dist.send(payload, dst, tag=PROBE_TAG + 1)
+            else:
+                dist.recv(marker, src, tag=PROBE_TAG)
+                t0 = time.perf_counter()
+                dist.recv(payload, src, tag=PROBE_TAG + 1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[k] = time.perf_counter() - t0
+        self.all_reduce_world(seconds)
+        return [float(x) for x in seconds]
 
     @staticmethod
     def shutdown() -> None:

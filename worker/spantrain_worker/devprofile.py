@@ -157,41 +157,63 @@ def _step_fn(bench: Bench, rows: int, device: torch.device,
     return step
 
 
-def _samples(step: Callable[[], None], device: torch.device, samples: int,
-             sample_seconds: float, clock: Clock = "wall", duty: float = 1.0) -> list[float]:
-    """Seconds per iteration, ``samples`` times, each over a loop of ``sample_seconds`` of
-    computing; timed by the wall clock or by this thread's CPU time (``clock``).
+#: with a duty cycle, the loop computes in bursts of at least this long between sleeps: about
+#: one pipeline action of a small model on a CPU (a stage's forward or backward of a
+#: micro-batch), whose start pays for caches the other workers used while it slept
+BURST_SECONDS = 0.025
+
+
+def _timed_loop(step: Callable[[], None], device: torch.device, sample_seconds: float,
+                timer: Callable[[], float], duty: float) -> float:
+    """Seconds per iteration over a loop of ``sample_seconds`` of computing (see
+    ``_samples``)."""
+    n = 0
+    busy = 0.0
+    spent = 0.0
+    burst = 0.0
+    while True:
+        t0, c0 = time.perf_counter(), timer()
+        step()
+        _sync(device)
+        n += 1
+        wall = time.perf_counter() - t0
+        spent += timer() - c0
+        busy += wall
+        burst += wall
+        if duty < 1 and burst >= BURST_SECONDS:
+            time.sleep(burst * (1 / duty - 1))
+            burst = 0.0
+        if busy >= sample_seconds:
+            return spent / n
+
+
+def _samples(steps: Sequence[Callable[[], None]], device: torch.device, samples: int,
+             sample_seconds: float, clock: Clock = "wall",
+             duty: float = 1.0) -> list[list[float]]:
+    """Seconds per iteration of each of ``steps``, ``samples`` times, each over a loop of
+    ``sample_seconds`` of computing; timed by the wall clock or by this thread's CPU time
+    (``clock``). The steps take turns (step 0's first sample, step 1's first, ..., step 0's
+    second...), so that a slow spell of the machine lands on all of them alike instead of
+    bending the line between them.
 
     ``duty`` < 1 paces the loop as ``spantrain local``'s sleep padding paces a device: after
-    each iteration the thread sleeps until the iteration took 1/``duty`` of its wall time.
-    A thread that computes in bursts between sleeps starts each burst with caches other
-    processes have used, and so takes more CPU time per iteration than a hot loop (on the
-    development machine +20 % for a GPT block's forward at duty 0.4): the calibration of an
-    emulated device measures what the emulated device will pay."""
+    each burst of at least ``BURST_SECONDS`` the thread sleeps until the burst took
+    1/``duty`` of its wall time. A thread that computes in bursts between sleeps starts each
+    burst with caches other processes have used, and so takes more CPU time per iteration
+    than a hot loop (on the development machine +20 % for a GPT block's forward at duty 0.4,
+    one forward per burst): the calibration of an emulated device measures what the emulated
+    device will pay."""
     if not 0 < duty <= 1:
         raise ValueError(f"duty must be in (0, 1], got {duty}")
-    step()
-    step()  # warm-up: allocations, kernel selection, autocast caches
+    for step in steps:
+        step()
+        step()  # warm-up: allocations, kernel selection, autocast caches
     _sync(device)
     timer = time.thread_time if clock == "cpu" else time.perf_counter
-    out = []
+    out: list[list[float]] = [[] for _ in steps]
     for _ in range(samples):
-        n = 0
-        busy = 0.0
-        spent = 0.0
-        while True:
-            t0, c0 = time.perf_counter(), timer()
-            step()
-            _sync(device)
-            n += 1
-            wall = time.perf_counter() - t0
-            spent += timer() - c0
-            busy += wall
-            if duty < 1:
-                time.sleep(wall * (1 / duty - 1))
-            if busy >= sample_seconds:
-                break
-        out.append(spent / n)
+        for k, step in enumerate(steps):
+            out[k].append(_timed_loop(step, device, sample_seconds, timer, duty))
     return out
 
 
@@ -200,10 +222,9 @@ def measure_kernel(bench: Bench, precision: Precision, device: torch.device, *,
                    clock: Clock = "wall", duty: float = 1.0) -> KernelMeasurement:
     """Effective FLOP/s and per-pass overhead of one layer kind (see the module)."""
     small, large = bench.rows
-    t_small = _samples(_step_fn(bench, small, device, precision), device, samples,
-                       sample_seconds, clock, duty)
-    t_large = _samples(_step_fn(bench, large, device, precision), device, samples,
-                       sample_seconds, clock, duty)
+    t_small, t_large = _samples(
+        [_step_fn(bench, small, device, precision), _step_fn(bench, large, device, precision)],
+        device, samples, sample_seconds, clock, duty)
     per_sample = flops_per_sample(bench)
     # the line through the medians; its intercept is the fixed cost of the two passes
     mid_small, mid_large = statistics.median(t_small), statistics.median(t_large)

@@ -11,14 +11,20 @@ Must not import kopf, the Kubernetes client or ``spantrain_operator``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .adapter import Adapter
+from spantrain_planner.core.contract import REPLAN_EXIT_CODE, REPLAN_FILE, TERMINATION_LOG
+from spantrain_planner.passes.adapt import Rebalance, ReplanInputs
+
+from .adapter import Adapter, Replan
 from .comm import (
     Comm,
     RendezvousEnv,
@@ -38,6 +44,28 @@ def _timeline_steps(raw: str | None, first: int, steps: int) -> set[int]:
     if raw:
         return {int(x) for x in raw.split(",") if x.strip()}
     return {max(first, steps - 2)}
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc; 0 where there is none)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                    .splitlines() if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return max(0.0, time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+
+
+def load_replan_inputs(path: str | None, log: Any) -> ReplanInputs | None:
+    """What this worker may re-plan with (None: re-balance only, said in the log)."""
+    if not path:
+        return None
+    try:
+        return ReplanInputs.model_validate_json(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        log_event(log, "replan-disabled", path=path, error=str(err)[:300])
+        return None
 
 
 def run(env: dict[str, str] | None = None) -> int:
@@ -92,7 +120,11 @@ def run(env: dict[str, str] | None = None) -> int:
         device=next(d.device_id for st in plan.stages for d in st.devices
                     if d.rank == renv.rank),
     )
-    adapter = Adapter(trainer, cfg.adapt, start_step=trainer.start_step, out_dir=out)
+    adapter = Adapter(trainer, cfg.adapt, start_step=trainer.start_step, out_dir=out,
+                      # a re-plan restarts the job: only with a checkpoint to restart from
+                      replan_inputs=(load_replan_inputs(wenv.replan_inputs_path, log)
+                                     if trainer.checkpoint_dir else None),
+                      total_steps=cfg.steps)
     trainer.record_steps = _timeline_steps(wenv.timeline_steps, trainer.start_step, cfg.steps)
     log_event(log, "start", world=plan.world_size, backend=backend, device=str(device),
               layers=f"{role.layer_start}-{role.layer_end - 1}",
@@ -103,8 +135,11 @@ def run(env: dict[str, str] | None = None) -> int:
         stats = trainer.train_step(step)
         metrics.observe(stats, trainer.role.num_rows * trainer.role.num_microbatches)
         metrics.add_bytes(*trainer.last_bytes)
+        if step == trainer.start_step:  # what a restart costs: start to the first step done
+            adapter.restart_seconds = process_age()
         taken = adapter.after_step(step, stats)
-        if taken is not None:
+        replan = taken if isinstance(taken, Replan) else None
+        if isinstance(taken, Rebalance):
             metrics.adapted("rebalance", taken.gain, step + 1)
             log_event(log, "rebalanced", step=step + 1, gain=round(taken.gain, 3),
                       rows=f"{trainer.role.row_start}-{trainer.role.row_end - 1}",
@@ -123,6 +158,8 @@ def run(env: dict[str, str] | None = None) -> int:
                       communication_seconds=stats.communication_seconds,
                       idle_seconds=stats.idle_seconds)
         done = step + 1
+        if replan is not None:
+            return _stop_for_replan(replan, trainer, adapter, metrics, comm, out, log)
         if interval and done % interval == 0 and done < cfg.steps:
             trainer.save(done)
     if trainer.start_step < cfg.steps:
@@ -133,6 +170,28 @@ def run(env: dict[str, str] | None = None) -> int:
     comm.barrier()
     comm.shutdown()
     return 0
+
+
+def _stop_for_replan(replan: Replan, trainer: StageTrainer, adapter: Adapter,
+                     metrics: WorkerMetrics, comm: Comm, out: Path | None, log: Any) -> int:
+    """Checkpoint at the agreed step, leave the record (rank 0), and exit for the restart."""
+    trainer.save(replan.step)
+    metrics.adapted("replan", replan.gain, replan.step)
+    if trainer.role.rank == 0 and out is not None:
+        adapter.record_replan(replan)
+        adapter.write_replan(replan, out / REPLAN_FILE)
+    termination = Path(TERMINATION_LOG)
+    if termination.exists():  # in a pod: the operator reads the request from the pod status
+        with contextlib.suppress(OSError):
+            termination.write_text(adapter.request(replan).model_dump_json(by_alias=True))
+    log_event(log, "replanning", step=replan.step, gain=round(replan.gain, 3),
+              restart_seconds=round(replan.restart_seconds, 2),
+              links=",".join(f"{p.src}->{p.dst}:{p.mbps:.1f}Mbps" for p in replan.probes))
+    if out is not None:
+        trainer.timeline.write(out / f"timeline-rank{trainer.role.rank}.json")
+    comm.barrier()
+    comm.shutdown()
+    return REPLAN_EXIT_CODE
 
 
 def main() -> None:

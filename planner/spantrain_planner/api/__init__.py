@@ -1320,6 +1320,21 @@ class Adaptation(_Status):
         None, description="Throughput predicted after it (measured x (1 + gain)).")
 
 
+#: Measured links kept in a job's status.
+MAX_MEASURED_LINKS = 64
+
+
+class MeasuredLink(_Status):
+    """A link speed the job's workers measured (a re-plan's reason): the planner uses it
+    instead of the labels' for this job's later plans."""
+
+    a: str = Field(description="Sending node.")
+    b: str = Field(description="Receiving node.")
+    bandwidth_mbps: float = Field(gt=0, description="Measured goodput, Mbit/s.")
+    measured_at: str = Field(json_schema_extra={"format": "date-time"},
+                             description="When the operator recorded it.")
+
+
 class SpanTrainJobStatus(_Status):
     """Observed state of a SpanTrainJob, written by the operator."""
 
@@ -1354,7 +1369,7 @@ class SpanTrainJobStatus(_Status):
         description="Pod generation: bumped by every restart and re-plan (pod names carry it).",
     )
     restarts: int = Field(0, ge=0, description="Restarts after worker failures.")
-    replans: int = Field(0, ge=0, description="Re-plans after lost nodes.")
+    replans: int = Field(0, ge=0, description="Re-plans after lost nodes or slowed links.")
     start_time: str | None = Field(
         None,
         json_schema_extra={"format": "date-time"},
@@ -1370,6 +1385,12 @@ class SpanTrainJobStatus(_Status):
         max_length=MAX_ADAPTATIONS,
         description=f"The dynamic adapter's changes to the running plan, oldest first (the "
         f"last {MAX_ADAPTATIONS}).",
+    )
+    measured_links: list[MeasuredLink] = Field(
+        default_factory=list,
+        max_length=MAX_MEASURED_LINKS,
+        description="Link speeds the workers measured when they asked for a re-plan; later "
+        "plans of this job use them instead of the nodes' labels.",
     )
 
 

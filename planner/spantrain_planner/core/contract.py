@@ -33,6 +33,16 @@ PLAN_MOUNT = "/etc/spantrain/plan"  #: read-only (the plan ConfigMap)
 SCRATCH_MOUNT = "/tmp"  #: the writable emptyDir under the read-only root filesystem
 PLAN_FILE = "plan.json"
 JOB_FILE = "job.json"
+#: what the workers need to plan afresh (``passes.adapt.ReplanInputs``), beside the plan
+REPLAN_INPUTS_FILE = "replan-inputs.json"
+#: what the workers leave in their output directory when they stop for a re-plan
+REPLAN_FILE = "replan.json"
+#: a worker's exit status after a checkpoint for a re-plan (EX_TEMPFAIL): not a failure; its
+#: starter re-plans from ``REPLAN_FILE`` and restarts the job from the checkpoint
+REPLAN_EXIT_CODE = 75
+#: where a container's last words go (Kubernetes' default ``terminationMessagePath``): a worker
+#: that stops for a re-plan writes its request there, and the operator reads it from the pod
+TERMINATION_LOG = "/dev/termination-log"
 
 # ---------------------------------------------------------------------------------------------
 # worker: read by the worker (``WorkerEnv``, ``comm``)
@@ -55,6 +65,7 @@ POD_IP = PREFIX + "POD_IP"  #: the pod's address (picks gloo's / NCCL's interfac
 NUM_THREADS = PREFIX + "NUM_THREADS"  #: torch intra-op threads
 TIMELINE_STEPS = PREFIX + "TIMELINE_STEPS"  #: comma-separated steps whose timeline is kept
 DUMP_GRADS_STEP = PREFIX + "DUMP_GRADS_STEP"  #: tests: dump gradients after this step
+REPLAN_INPUTS = PREFIX + "REPLAN_INPUTS"  #: path of REPLAN_INPUTS_FILE (unset: no re-plan)
 
 # worker: rendered by the operator for people (kubectl exec, logs); no process reads them
 ATTEMPT = PREFIX + "ATTEMPT"
@@ -145,6 +156,7 @@ class WorkerEnv:
     num_threads: int | None = None
     timeline_steps: str | None = None
     dump_grads_step: int | None = None
+    replan_inputs_path: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -177,6 +189,7 @@ class WorkerEnv:
             num_threads=threads,
             timeline_steps=env.get(TIMELINE_STEPS) or None,
             dump_grads_step=dump,
+            replan_inputs_path=env.get(REPLAN_INPUTS) or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -194,6 +207,7 @@ class WorkerEnv:
             NUM_THREADS: self.num_threads,
             TIMELINE_STEPS: self.timeline_steps,
             DUMP_GRADS_STEP: self.dump_grads_step,
+            REPLAN_INPUTS: self.replan_inputs_path,
         }
         if self.rendezvous_timeout != RENDEZVOUS_TIMEOUT_SECONDS:
             optional[RENDEZVOUS_TIMEOUT] = f"{self.rendezvous_timeout:g}"

@@ -13,8 +13,14 @@ What it decides (in order of cost, as in the paper's adapter):
    (``1 / seconds per row``), capped by its memory (a share's activations grow with it), and at
    least one row each. No weights move and no process restarts; gradients stay exact (a stage
    still sums its devices' gradients over the same samples).
-2. **Re-plan** (layers move: a restart through the plan-independent checkpoint) is the
-   operator's, not decided here; ``replan_pays`` is the rule it follows.
+2. **Re-plan** when the step time grows more than the measured compute explains (``StepWatch``:
+   the links slowed, which no share inside a stage can fix): the workers time one large
+   payload per node pair the plan uses (``LinkProbe``), the cluster is re-described with those
+   speeds (``with_probed_links``) and planned afresh, and ``decide_replan`` keeps the new plan
+   only when its predicted gain over the remaining steps exceeds the measured cost of the
+   checkpoint and restart (``replan_pays``). Layers then move through the plan-independent
+   checkpoint, carried out by whoever started the workers (``spantrain local``, the benchmark
+   or the operator) from the ``ReplanRecord`` the workers leave.
 
 Noise never triggers it: a proposal must promise a gain of at least ``threshold`` in the
 predicted step time (the slowest stage's compute) for ``sustain`` consecutive measurement
@@ -33,7 +39,15 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from spantrain_planner.core.options import PlannerOptions
+from spantrain_planner.evaluation.simulator import simulate
+from spantrain_planner.inputs.cluster import ClusterSpec, MatrixEntry, Topology, resolve
 from spantrain_planner.inputs.plan import Plan, row_ranges
+from spantrain_planner.inputs.profiles import ModelProfile
+from spantrain_planner.passes.search import search
 
 
 @dataclass(frozen=True)
@@ -200,3 +214,200 @@ def replan_pays(gain_seconds_per_step: float, remaining_steps: int,
 def row_share_table(plan: Plan) -> dict[int, tuple[int, int]]:
     """rank -> its row range in every micro-batch (for logs and records)."""
     return {d.rank: r for s in plan.stages for d, r in zip(s.devices, row_ranges(s), strict=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# re-plan: the links slowed
+
+
+@dataclass
+class StepWatch:
+    """A sustained slowdown the compute does not explain: the links (or anything between the
+    stages) slowed, which a re-balance cannot fix.
+
+    Each window gives the median step seconds and the slowest rank's compute seconds per step.
+    The first window after a start or a change is the baseline; a later window whose step
+    time grew ``threshold`` more than its compute did, ``sustain`` windows in a row, fires.
+    A slower device slows step and compute alike (the re-balance's case), so it never fires
+    here; jitter within the threshold never does either.
+    """
+
+    policy: AdaptPolicy = field(default_factory=AdaptPolicy)
+    baseline: tuple[float, float] | None = None
+    streak: int = 0
+    last_excess: float = 0.0
+
+    def observe(self, step_seconds: float, compute_seconds: float) -> bool:
+        """Whether this window completes a sustained unexplained slowdown."""
+        if step_seconds <= 0 or compute_seconds <= 0:
+            return False
+        if self.baseline is None:
+            self.baseline = (step_seconds, compute_seconds)
+            return False
+        base_step, base_compute = self.baseline
+        self.last_excess = (step_seconds / base_step) / (compute_seconds / base_compute) - 1
+        if self.last_excess < self.policy.threshold:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak < self.policy.sustain:
+            return False
+        self.streak = 0
+        return True
+
+    def reset(self) -> None:
+        """The plan changed: the next window is the new baseline."""
+        self.baseline = None
+        self.streak = 0
+
+
+@dataclass(frozen=True)
+class LinkProbe:
+    """One timed transfer: ``num_bytes`` from a rank on node ``src`` to one on node ``dst``."""
+
+    src: str
+    dst: str
+    src_rank: int
+    dst_rank: int
+    num_bytes: int
+    seconds: float = 0.0
+
+    @property
+    def mbps(self) -> float:
+        return self.num_bytes * 8 / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+#: a probe lasts about this long at the plan's assumed speed (and 10x as long on a link 10x
+#: slower); never less than ``PROBE_MIN_BYTES``, which is several token buckets' bursts
+PROBE_SECONDS = 0.1
+PROBE_MIN_BYTES = 1 << 20
+PROBE_MAX_BYTES = 16 << 20
+
+
+def link_probes(plan: Plan, topology: Topology) -> list[LinkProbe]:
+    """The probes a re-plan needs: one per ordered pair of the plan's nodes, between their
+    lowest ranks, sized by the link's assumed bandwidth (pure)."""
+    first: dict[str, tuple[int, str]] = {}
+    for stage in plan.stages:
+        for d in stage.devices:
+            if d.node not in first or d.rank < first[d.node][0]:
+                first[d.node] = (d.rank, d.device_id)
+    index = {dev.id: i for i, dev in enumerate(topology.devices)}
+    probes = []
+    for a, (ra, da) in sorted(first.items()):
+        for b, (rb, db) in sorted(first.items()):
+            if a == b:
+                continue
+            bps = topology.bandwidth[index[da]][index[db]]
+            size = int(min(PROBE_MAX_BYTES, max(PROBE_MIN_BYTES, bps * PROBE_SECONDS)))
+            probes.append(LinkProbe(a, b, ra, rb, size))
+    return probes
+
+
+def with_link_speeds(spec: ClusterSpec, speeds: Mapping[tuple[str, str], float]) -> ClusterSpec:
+    """``spec`` with the given directed node pairs' bandwidth (Mbit/s) as ``links.matrix``
+    entries; each keeps the latency the spec gave the pair, and pairs of nodes the spec does
+    not have are left out (pure)."""
+    names = {n.name for n in spec.nodes}
+    wanted = {k: v for k, v in speeds.items() if k[0] in names and k[1] in names and v > 0}
+    if not wanted:
+        return spec
+    topology = resolve(spec)
+    by_node = {dev.node: i for i, dev in reversed(list(enumerate(topology.devices)))}
+    kept = [e for e in spec.links.matrix if (e.a, e.b) not in wanted]
+    added = [MatrixEntry(a=a, b=b, bandwidth_mbps=mbps,
+                         latency_ms=topology.latency[by_node[a]][by_node[b]] * 1e3)
+             for (a, b), mbps in sorted(wanted.items())]
+    links = spec.links.model_copy(update={"matrix": kept + added})
+    return spec.model_copy(update={"links": links})
+
+
+def with_probed_links(spec: ClusterSpec, probes: Sequence[LinkProbe]) -> ClusterSpec:
+    """``spec`` with every probed node pair's bandwidth as measured (``with_link_speeds``)."""
+    return with_link_speeds(spec, {(p.src, p.dst): p.mbps for p in probes if p.seconds > 0})
+
+
+def link_key(a: str, b: str) -> str:
+    """How records name a directed node pair: ``a->b``."""
+    return f"{a}->{b}"
+
+
+def parse_link_key(key: str) -> tuple[str, str] | None:
+    a, sep, b = key.partition("->")
+    return (a, b) if sep and a and b else None
+
+
+class ReplanInputs(BaseModel):
+    """What the workers need to plan afresh: the cluster the plan was made for (as the planner
+    saw it, calibrated or measured), the model profile and the planner options. Written beside
+    the plan by whoever starts the workers (``WorkerEnv.planner_inputs_path``)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    cluster: ClusterSpec
+    profile: ModelProfile
+    options: PlannerOptions
+
+
+class ReplanRequest(BaseModel):
+    """What a worker that stopped for a re-plan tells its starter (its termination message on
+    Kubernetes): the step its checkpoint holds, the links it measured, the predicted gain."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    step: int = Field(ge=0, description="The checkpoint's step: the new plan resumes here.")
+    gain: float = Field(description="Predicted step-time gain of the new plan, 1 - new/old.")
+    measured_links: dict[str, float] = Field(description="'a->b': measured Mbit/s.")
+    restart_seconds: float = Field(0.0, description="Measured cost of a checkpoint+restart.")
+
+    def link_speeds(self) -> dict[tuple[str, str], float]:
+        """The measured links by (sending node, receiving node)."""
+        out = {}
+        for key, mbps in self.measured_links.items():
+            pair = parse_link_key(key)
+            if pair is not None and mbps > 0:
+                out[pair] = mbps
+        return out
+
+
+class ReplanRecord(ReplanRequest):
+    """What the workers leave in their output directory when they stop for a re-plan
+    (``replan.json``): the request, why, and the new plan itself."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    reason: str
+    assumed_links: dict[str, float] = Field(description="'a->b': the plan's Mbit/s.")
+    step_seconds_before: float = Field(description="Predicted step of the running plan "
+                                       "under the measured links.")
+    step_seconds_after: float = Field(description="Predicted step of the new plan.")
+    remaining_steps: int
+    cluster: ClusterSpec = Field(description="The cluster with the measured links.")
+    plan: dict[str, object] = Field(description="The new plan (plan.json).")
+
+
+@dataclass(frozen=True)
+class ReplanDecision:
+    """A fresh plan for the measured links and what it is predicted to bring."""
+
+    plan: Plan
+    cluster: ClusterSpec
+    before_seconds: float  #: the running plan's step under the measured links
+    after_seconds: float  #: the new plan's step
+    pays: bool
+
+    @property
+    def gain(self) -> float:
+        return 1 - self.after_seconds / self.before_seconds if self.before_seconds > 0 else 0.0
+
+
+def decide_replan(plan: Plan, inputs: ReplanInputs, probes: Sequence[LinkProbe], *,
+                  remaining_steps: int, restart_seconds: float) -> ReplanDecision:
+    """Plan afresh with the probed links and weigh it against the running plan (pure)."""
+    cluster = with_probed_links(inputs.cluster, probes)
+    measured = resolve(cluster)
+    before = simulate(plan, measured, inputs.profile).step_seconds
+    fresh, result = search(measured, inputs.profile, inputs.options)
+    after = result.step_seconds
+    pays = after < before and replan_pays(before - after, remaining_steps, restart_seconds)
+    return ReplanDecision(fresh, cluster, before, after, pays)
