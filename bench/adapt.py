@@ -11,7 +11,10 @@ real worker, one process per rank, and changes the cluster mid-run:
   process, same testbed, same quota) -- ``recovered_device`` = after / fresh;
 * **link**: every inter-node token bucket (the links the plan's cross-node traffic takes: its
   busiest) drops to a tenth at step ``CHANGE``; the same four figures, ``recovered`` = after /
-  fresh;
+  fresh. The workers re-plan (probe the links, plan afresh, checkpoint, exit with
+  ``REPLAN_EXIT_CODE``) and ``train`` restarts them on the plan they left, from their
+  checkpoint, as ``spantrain local`` and the operator do; "restart s" is how long the job
+  stood still;
 * **jitter**: every shaped link's rate jumps to a random 90-110 % of its planned rate every
   half second for the whole run: the adaptations it triggers are counted (target 0);
 * **loss**: for every adaptation, whether any loss after it exceeds the highest loss of the 20
@@ -303,8 +306,9 @@ def main() -> int:
     parser.add_argument("--no-profiler", action="store_true",
                         help="skip the profiler check (its figures print as nan)")
     args = parser.parse_args()
-    # long enough that moving layers can pay for a restart after a link slows at step 14
-    steps = 120 if args.quick else 240
+    # long enough that moving layers can pay for a restart (about 15 s here) after a link
+    # slows at step 14
+    steps = 200 if args.quick else 400
     prof = profile()
     # the running job: 4 micro-batches, so that a micro-batch has rows that shares inside a
     # stage can move (with one row per device and micro-batch only a micro-batch-count change
@@ -328,8 +332,10 @@ def main() -> int:
         Scenario("jitter", None, None, jitter=True),
     ]
     scenarios = [sc for sc in scenarios if not args.only or sc.name in args.only]
-    # what the workers may re-plan with: the cluster as planned, the model and the options
-    inputs = ReplanInputs(cluster=spec, profile=prof, options=options)
+    # what the workers may re-plan with: the cluster as planned, the model, and the planner's
+    # own choice of micro-batches (the running job's 4 were forced on its first plan only,
+    # so that a re-balance has rows to move)
+    inputs = ReplanInputs(cluster=spec, profile=prof, options=fresh_options)
     port = 29710
     rows = []
     with tempfile.TemporaryDirectory(prefix="spantrain-adapt-") as tmp:

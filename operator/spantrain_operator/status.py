@@ -298,8 +298,8 @@ def replan_entry(old: Sequence[Mapping[str, Any]], request: ReplanRequest, *, at
     links = ", ".join(f"{k} {v:.1f} Mbit/s" for k, v in sorted(request.measured_links.items()))
     entry: dict[str, Any] = {
         "time": iso(now), "kind": "replan", "attempt": attempt, "step": request.step,
-        "reason": ("the step time grew more than the compute explains; links measured: "
-                   + (links or "none reported") + "; layers re-planned, restarted from the "
+        "reason": ((request.reason or "the workers asked for a re-plan") + "; links measured: "
+                   + (links or "none") + "; layers re-planned, restarted from the "
                    "checkpoint"),
         "predictedGain": round(request.gain, 4),
     }

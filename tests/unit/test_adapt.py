@@ -26,8 +26,10 @@ from spantrain_planner.passes.adapt import (
     balanced_shares,
     decide_replan,
     link_probes,
+    planned_seconds_per_row,
     rebalance,
     replan_pays,
+    with_measured_speeds,
     with_probed_links,
 )
 from spantrain_planner.passes.assemble import StageLayout, assemble
@@ -250,3 +252,20 @@ def test_a_replan_is_kept_only_when_it_pays_for_the_restart() -> None:
     odd = ReplanRequest(step=1, gain=0.1, measured_links={"a->b": 3.0, "nonsense": 1.0,
                                                           "a->": 2.0, "b->a": 0.0})
     assert odd.link_speeds() == {("a", "b"): 3.0}
+
+
+def test_measured_speeds_rescale_the_planned_groups_only() -> None:
+    spec = _two_node_spec()
+    profile = preset("gpt-mini")
+    plan, _ = search(resolve(spec), profile, PlannerOptions(global_batch=16))
+    assumed = planned_seconds_per_row(plan, resolve(spec), profile)
+    assert set(assumed) == {d.rank for s in plan.stages for d in s.devices}
+    # every device measured 4x slower than assumed
+    slower = with_measured_speeds(spec, plan, profile, {r: 4 * t for r, t in assumed.items()})
+    for before, after in zip(resolve(spec).devices, resolve(slower).devices, strict=True):
+        assert after.flops == pytest.approx(before.flops / 4)
+        assert after.layer_overhead == pytest.approx(before.layer_overhead * 4)
+    again = planned_seconds_per_row(plan, resolve(slower), profile)
+    for r, t in assumed.items():
+        assert again[r] == pytest.approx(4 * t)  # the plan now assumes what was measured
+    assert with_measured_speeds(spec, plan, profile, {}) == spec

@@ -62,6 +62,13 @@ class Replan:
     probes: tuple[LinkProbe, ...]
     restart_seconds: float
     remaining_steps: int
+    reason: str
+
+
+#: why a re-plan was weighed (``Replan.reason``, records and events)
+LINKS_SLOWED = "the step time grew more than the compute explains: the links slowed"
+UNEVEN_STAGES = ("after a re-balance the stages still run at uneven speeds: moving layers "
+                 "between them")
 
 
 class Adapter:
@@ -81,6 +88,7 @@ class Adapter:
         #: worker sets it after its first step
         self.restart_seconds: float | None = None
         self.out_dir = out_dir
+        self._check_after_rebalance = False
         self._window: list[tuple[float, float, float]] = []
         self.history: list[dict[str, Any]] = []
 
@@ -113,37 +121,50 @@ class Adapter:
             self.detector.adopted(step)
             self.steps.reset()
             self._record(step, proposal)
+            # shares inside stages are the cheap fix; whether moving layers pays too is
+            # weighed on the next window, measured under the new shares
+            self._check_after_rebalance = True
             return proposal
-        if links_slowed and self.replan_inputs is not None:
-            return self._consider_replan(step)
+        if self.replan_inputs is None:
+            return None
+        if links_slowed:
+            return self._consider_replan(step, measured, probe=True, reason=LINKS_SLOWED)
+        if self._check_after_rebalance:
+            self._check_after_rebalance = False
+            return self._consider_replan(step, measured, probe=False, reason=UNEVEN_STAGES)
         return None
 
-    def _consider_replan(self, step: int) -> Replan | None:
-        """Collective: time the plan's node pairs, and (rank 0) plan afresh with them."""
+    def _consider_replan(self, step: int, measured: dict[int, float], *, probe: bool,
+                         reason: str) -> Replan | None:
+        """Collective: time the plan's node pairs (``probe``), and (rank 0) plan afresh with
+        them and the measured device speeds."""
         assert self.replan_inputs is not None
         trainer = self.trainer
         plan = trainer.plan
-        probes = link_probes(plan, resolve(self.replan_inputs.cluster))
-        seconds = trainer.comm.time_transfers(
-            [(p.src_rank, p.dst_rank, p.num_bytes) for p in probes], trainer.device)
-        timed = tuple(LinkProbe(p.src, p.dst, p.src_rank, p.dst_rank, p.num_bytes, t)
-                      for p, t in zip(probes, seconds, strict=True))
+        timed: tuple[LinkProbe, ...] = ()
+        if probe:
+            probes = link_probes(plan, resolve(self.replan_inputs.cluster))
+            seconds = trainer.comm.time_transfers(
+                [(p.src_rank, p.dst_rank, p.num_bytes) for p in probes], trainer.device)
+            timed = tuple(LinkProbe(p.src, p.dst, p.src_rank, p.dst_rank, p.num_bytes, t)
+                          for p, t in zip(probes, seconds, strict=True))
         remaining = max(0, self.total_steps - step - 1)
         restart = self.restart_seconds if self.restart_seconds is not None else float("inf")
         decision = None
         flag = torch.zeros(2, dtype=torch.float64)
         if trainer.role.rank == 0:
             decision = decide_replan(plan, self.replan_inputs, timed,
-                                     remaining_steps=remaining, restart_seconds=restart)
+                                     remaining_steps=remaining, restart_seconds=restart,
+                                     seconds_per_row=measured)
             flag[0] = 1.0 if decision.pays else 0.0
             flag[1] = decision.gain
-            self._trace_replan(step, timed, decision, restart, remaining)
+            self._trace_replan(step, timed, decision, restart, remaining, reason)
         trainer.comm.all_reduce_world(flag)
         # the running plan stays: the next windows compare against the slower links
         self.steps.reset()
         if flag[0] < 0.5:
             return None
-        return Replan(step + 1, float(flag[1]), decision, timed, restart, remaining)
+        return Replan(step + 1, float(flag[1]), decision, timed, restart, remaining, reason)
 
     def _trace(self, step: int, measured: dict[int, float], step_seconds: float,
                compute: float) -> None:
@@ -162,12 +183,13 @@ class Adapter:
                 "unexplainedStreak": self.steps.streak}) + "\n")
 
     def _trace_replan(self, step: int, probes: tuple[LinkProbe, ...],
-                      decision: ReplanDecision, restart: float, remaining: int) -> None:
+                      decision: ReplanDecision, restart: float, remaining: int,
+                      reason: str) -> None:
         if self.out_dir is None:
             return
         with (self.out_dir / "adapter.jsonl").open("a") as fh:
             fh.write(json.dumps({
-                "step": step, "replanConsidered": True,
+                "step": step, "replanConsidered": True, "reason": reason,
                 "measuredLinks": {link_key(p.src, p.dst): round(p.mbps, 3) for p in probes},
                 "stepSecondsBefore": round(decision.before_seconds, 6),
                 "stepSecondsAfter": round(decision.after_seconds, 6),
@@ -178,6 +200,7 @@ class Adapter:
         """What every rank tells its starter (the pod's termination message)."""
         return ReplanRequest(
             step=replan.step, gain=replan.gain, restart_seconds=replan.restart_seconds,
+            reason=replan.reason,
             measured_links={link_key(p.src, p.dst): p.mbps for p in replan.probes})
 
     def write_replan(self, replan: Replan, path: Path) -> None:
@@ -188,7 +211,6 @@ class Adapter:
         index = {d.node: i for i, d in reversed(list(enumerate(topology.devices)))}
         record = ReplanRecord(
             **self.request(replan).model_dump(),
-            reason="the step time grew more than the compute explains: the links slowed",
             assumed_links={link_key(p.src, p.dst):
                            topology.bandwidth[index[p.src]][index[p.dst]] * 8 / 1e6
                            for p in replan.probes},
@@ -206,7 +228,7 @@ class Adapter:
         assert decision is not None
         entry = {
             "step": replan.step, "time": time.time(), "kind": "replan",
-            "reason": "the step time grew more than the compute explains: the links slowed",
+            "reason": replan.reason,
             "gain": round(replan.gain, 4),
             "measuredLinks": {link_key(p.src, p.dst): round(p.mbps, 3) for p in replan.probes},
             "stepSecondsBefore": decision.before_seconds,

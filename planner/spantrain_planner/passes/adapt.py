@@ -43,7 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from spantrain_planner.core.options import PlannerOptions
-from spantrain_planner.evaluation.simulator import simulate
+from spantrain_planner.evaluation.simulator import (
+    ProfileSums,
+    action_seconds,
+    optimizer_seconds,
+    simulate,
+)
 from spantrain_planner.inputs.cluster import ClusterSpec, MatrixEntry, Topology, resolve
 from spantrain_planner.inputs.plan import Plan, row_ranges
 from spantrain_planner.inputs.profiles import ModelProfile
@@ -327,6 +332,73 @@ def with_probed_links(spec: ClusterSpec, probes: Sequence[LinkProbe]) -> Cluster
     return with_link_speeds(spec, {(p.src, p.dst): p.mbps for p in probes if p.seconds > 0})
 
 
+def planned_seconds_per_row(plan: Plan, topology: Topology,
+                            profile: ModelProfile) -> dict[int, float]:
+    """rank -> the compute seconds per sample row its plan assumes (its forward and backward
+    over all micro-batches and its optimizer step, divided by its rows): what the workers'
+    measured seconds per row are compared with (pure)."""
+    sums = ProfileSums(profile)
+    out = {}
+    for stage in plan.stages:
+        layers = sums.range(stage.layer_start, stage.layer_end)
+        for d in stage.devices:
+            device = topology.device(d.device_id)
+            share = d.microbatch_share
+            if share < 1:
+                continue
+            per_mb = sum(action_seconds(kind, layers, share, device) for kind in ("F", "B", "W"))
+            total = plan.num_microbatches * per_mb + optimizer_seconds(layers.param_count,
+                                                                       device.flops)
+            out[d.rank] = total / (share * plan.num_microbatches)
+    return out
+
+
+def with_measured_speeds(spec: ClusterSpec, plan: Plan, profile: ModelProfile,
+                         seconds_per_row: Mapping[int, float]) -> ClusterSpec:
+    """``spec`` with each planned device group's speed as its workers measured it: FLOP/s
+    times (assumed / measured seconds per row), per-layer overhead divided by the same (the
+    median over a group's devices; groups the plan does not use keep the spec's). A re-plan
+    weighs compute against the measured links in the same, measured, units (pure)."""
+    topology = resolve(spec)
+    assumed = planned_seconds_per_row(plan, topology, profile)
+    ratios: dict[tuple[str, int], list[float]] = {}
+    group_of = _device_groups(spec)
+    for stage in plan.stages:
+        for d in stage.devices:
+            measured = seconds_per_row.get(d.rank, 0.0)
+            if measured > 0 and d.rank in assumed and d.device_id in group_of:
+                ratios.setdefault(group_of[d.device_id], []).append(assumed[d.rank] / measured)
+    if not ratios:
+        return spec
+    nodes = []
+    for node in spec.nodes:
+        groups = []
+        for g, group in enumerate(node.devices):
+            found = ratios.get((node.name, g))
+            if not found:
+                groups.append(group)
+                continue
+            r = statistics.median(found)
+            first = next(dev for dev, key in group_of.items() if key == (node.name, g))
+            overhead = topology.device(first).layer_overhead
+            groups.append(group.model_copy(update={
+                "compute_tflops": group.compute_tflops * r,
+                "layer_overhead_us": overhead * 1e6 / r}))
+        nodes.append(node.model_copy(update={"devices": groups}))
+    return spec.model_copy(update={"nodes": nodes})
+
+
+def _device_groups(spec: ClusterSpec) -> dict[str, tuple[str, int]]:
+    """device id -> (node, index of its device group), in ``resolve``'s order."""
+    devices = iter(resolve(spec).devices)
+    out = {}
+    for node in spec.nodes:
+        for g, group in enumerate(node.devices):
+            for _ in range(group.count):
+                out[next(devices).id] = (node.name, g)
+    return out
+
+
 def link_key(a: str, b: str) -> str:
     """How records name a directed node pair: ``a->b``."""
     return f"{a}->{b}"
@@ -359,6 +431,7 @@ class ReplanRequest(BaseModel):
     gain: float = Field(description="Predicted step-time gain of the new plan, 1 - new/old.")
     measured_links: dict[str, float] = Field(description="'a->b': measured Mbit/s.")
     restart_seconds: float = Field(0.0, description="Measured cost of a checkpoint+restart.")
+    reason: str = Field("", description="Why, in words.")
 
     def link_speeds(self) -> dict[tuple[str, str], float]:
         """The measured links by (sending node, receiving node)."""
@@ -376,7 +449,6 @@ class ReplanRecord(ReplanRequest):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    reason: str
     assumed_links: dict[str, float] = Field(description="'a->b': the plan's Mbit/s.")
     step_seconds_before: float = Field(description="Predicted step of the running plan "
                                        "under the measured links.")
@@ -402,9 +474,14 @@ class ReplanDecision:
 
 
 def decide_replan(plan: Plan, inputs: ReplanInputs, probes: Sequence[LinkProbe], *,
-                  remaining_steps: int, restart_seconds: float) -> ReplanDecision:
-    """Plan afresh with the probed links and weigh it against the running plan (pure)."""
-    cluster = with_probed_links(inputs.cluster, probes)
+                  remaining_steps: int, restart_seconds: float,
+                  seconds_per_row: Mapping[int, float] | None = None) -> ReplanDecision:
+    """Plan afresh with the probed links (and the devices' measured speeds) and weigh it
+    against the running plan, both predicted on the measured cluster (pure)."""
+    cluster = inputs.cluster
+    if seconds_per_row:
+        cluster = with_measured_speeds(cluster, plan, inputs.profile, seconds_per_row)
+    cluster = with_probed_links(cluster, probes)
     measured = resolve(cluster)
     before = simulate(plan, measured, inputs.profile).step_seconds
     fresh, result = search(measured, inputs.profile, inputs.options)
