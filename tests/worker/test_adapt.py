@@ -28,18 +28,22 @@ def _steps(out: Path) -> dict[int, float]:
 
 
 def test_a_slow_device_is_rebalanced_in_place_and_training_stays_exact(tmp_path: Path) -> None:
-    # stage 0 on ranks 0 and 1 with equal shares, but rank 1 runs 4x slower than planned
+    # stage 0 on ranks 0 and 1 with equal shares, but rank 1 runs 4x slower than planned.
+    # Every rank is paced by its CPU time (a slowdown above 1), so the 4x holds however
+    # busy the machine is: a rank at slowdown 1 would be timed by the wall clock, and the
+    # other workers' load would make it look slower than it is (a CI run measured under 4x
+    # and re-balanced to 6/2 instead of 7/1)
     plan = make_plan("gpt-mini", [(0, 4, [4, 4]), (4, 8, [8])], schedule="1f1b",
                      num_microbatches=2)
     emulation = tmp_path / "emulation.json"
-    emulation.write_text(json.dumps({"slowdown": {"1": 4.0}}))
+    emulation.write_text(json.dumps({"slowdown": {"0": 1.5, "1": 6.0, "2": 1.5}}))
     training = write_training(tmp_path, steps=STEPS, adapt="rebalance")
     job = run_plan(plan, tmp_path, training, emulation=emulation)
     out = tmp_path / "out"
     records = [json.loads(x) for x in (out / "adaptations.jsonl").read_text().splitlines()]
-    # once in every local run; one CI run of two took a second re-balance (cause not found
-    # yet, see issue 14's note): what must hold is that none gives the slow device back its
-    # planned share (no back and forth)
+    # once in every local run; one CI run took a second re-balance (cause not found yet, see
+    # issue 14's note): what must hold is that none gives the slow device back its planned
+    # share (no back and forth)
     assert 1 <= len(records) <= 2, records
     assert all(r["sharesAfter"]["1"] < 4 for r in records), records
     taken = records[0]

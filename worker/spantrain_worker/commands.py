@@ -49,8 +49,10 @@ import yaml
 from spantrain_planner.api import load_job, planner_inputs
 from spantrain_planner.cli.report import plan_table
 from spantrain_planner.core import contract
+from spantrain_planner.core.contract import REPLAN_EXIT_CODE, REPLAN_FILE, REPLAN_INPUTS_FILE
 from spantrain_planner.inputs.cluster import ClusterSpec, Topology, load_cluster, resolve
 from spantrain_planner.inputs.plan import Plan
+from spantrain_planner.passes.adapt import ReplanInputs, ReplanRecord
 from spantrain_planner.passes.search import make_plan
 
 from . import checkpoint, launch
@@ -273,7 +275,7 @@ def run_local(args: argparse.Namespace) -> int:
     print(ckpt_line)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("timeline*"), *out.glob("rank*.log"), out / "losses.jsonl",
-                  out / "adaptations.jsonl", out / "adapter.jsonl"]:
+                  out / "adaptations.jsonl", out / "adapter.jsonl", out / REPLAN_FILE]:
         stale.unlink(missing_ok=True)
     training = job.spec.training.model_dump(mode="json", by_alias=True)
     training["adapt"] = job.spec.planner.adapt  # the workers' adapter (a run-time knob)
@@ -284,8 +286,14 @@ def run_local(args: argparse.Namespace) -> int:
     (out / "plan.json").write_text(plan.to_json())
     (out / "training.json").write_text(json.dumps(training, indent=2))
     if args.emulate:  # the kernel emulates the devices: no sleep padding
+        # real token buckets and CPU quotas can change under the job there (`tc`, cgroups):
+        # the workers may re-plan, with the cluster as planned, the model and the options
+        replan_inputs = out / REPLAN_INPUTS_FILE
+        replan_inputs.write_text(ReplanInputs(
+            cluster=cluster, profile=inputs.profile, options=inputs.options,
+        ).model_dump_json(by_alias=True))
         return _train_on_testbed(plan, topology, out, job.name, ckpt, steps,
-                                 args.testbed_instance)
+                                 args.testbed_instance, replan_inputs)
     emulation = None
     if not args.no_emulation:
         emulation = out / "emulation.json"
@@ -350,19 +358,25 @@ def _age(delta: timedelta) -> str:
 
 
 def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
-           emulation: Path | None, testbed: Any = None) -> int:
+           emulation: Path | None, testbed: Any = None, replan_inputs: Path | None = None,
+           attempt: int = 0) -> int:
     """Start the workers, show progress until they finish, print the throughput.
 
     With ``testbed`` (a live ``spantrain_testbed.Testbed``) every rank starts inside its
     device's namespace and cgroup, the rank-0 device's address is the rendezvous, and the CPU
     quotas are lifted until step 0 is done (importing torch at a tenth of a core takes a
     minute) and enforced from then on.
+
+    With ``replan_inputs`` the workers may stop for a re-plan (exit ``REPLAN_EXIT_CODE``
+    after a checkpoint, leaving ``REPLAN_FILE``): the job then restarts on the plan they
+    left, from that checkpoint (``attempt`` counts the restarts).
     """
     spawn: launch.Spawn | None = None
     master_addr, master_port = "127.0.0.1", None
     if testbed is not None:
         by_rank = {d.rank: d.device_id for st in plan.stages for d in st.devices}
-        master_addr, master_port = testbed.address(by_rank[0]), 29500  # own namespace
+        # own namespace; a restart gets its own port (the last one may linger in TIME_WAIT)
+        master_addr, master_port = testbed.address(by_rank[0]), 29500 + attempt
 
         def spawn(rank: int, argv: list[str], env: dict[str, str],
                   popen: dict[str, Any]) -> Any:
@@ -371,11 +385,14 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
             env = {**env, **testbed.device_env(device), "MASTER_ADDR": master_addr}
             return testbed.run(device, argv, env=env, start_new_session=False, **popen)
 
-    gate = testbed.startup_gate(out / "losses.jsonl") if testbed is not None else None
+    done_rows = len(_read_rows(out / "losses.jsonl")) if attempt else 0
+    gate = (testbed.startup_gate(out / "losses.jsonl", after_rows=done_rows)
+            if testbed is not None else None)
     workers = launch.start(
         out / "plan.json", plan.world_size, out, training_path=out / "training.json",
         job=job_name, checkpoint_dir=ckpt, emulation_path=emulation,
         master_addr=master_addr, master_port=master_port, spawn=spawn,
+        replan_inputs_path=replan_inputs,
     )
     (out / "workers.json").write_text(json.dumps(
         {"pgid": workers.pgid, "pids": [p.pid for p in workers.procs]}))
@@ -410,6 +427,18 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
     tick()
     if tty:
         print()
+    if codes and all(c == REPLAN_EXIT_CODE for c in codes):
+        record = ReplanRecord.model_validate_json((out / REPLAN_FILE).read_text())
+        new = Plan.model_validate(record.plan)
+        (out / "plan.json").write_text(new.to_json())
+        print(f"re-plan at step {record.step}: {record.reason}; predicted "
+              f"{record.step_seconds_before:.3f} -> {record.step_seconds_after:.3f} s/step; "
+              "restarting from the checkpoint on the new plan:")
+        print(plan_table(new))
+        for log in workers.log_files:  # the next attempt's logs start afresh
+            log.replace(log.with_name(f"{log.stem}.attempt{attempt}.log"))
+        return _train(new, out, job_name, ckpt, steps, emulation, testbed, replan_inputs,
+                      attempt + 1)
     if any(codes):
         print(f"workers failed (exit codes {codes}); last log lines:\n"
               f"{workers.logs()[-3000:]}", file=sys.stderr)
@@ -435,7 +464,8 @@ AUTO_INSTANCES = range(100, 200)
 
 
 def _train_on_testbed(plan: Plan, topology: Topology, out: Path, job_name: str, ckpt: Path,
-                      steps: int, instance: int | None) -> int:
+                      steps: int, instance: int | None,
+                      replan_inputs: Path | None = None) -> int:
     """``--emulate``: bring up a testbed for the cluster, train in it, always tear it down."""
     from spantrain_testbed import Testbed
     from spantrain_testbed.testbed import instances_present, status
@@ -465,7 +495,8 @@ def _train_on_testbed(plan: Plan, topology: Topology, out: Path, job_name: str, 
         return 2
     try:
         print(_testbed_line(tb))
-        return _train(plan, out, job_name, ckpt, steps, None, testbed=tb)
+        return _train(plan, out, job_name, ckpt, steps, None, testbed=tb,
+                      replan_inputs=replan_inputs)
     finally:
         with _no_sigint():  # a second Ctrl-C must not leave namespaces and cgroups behind
             tb.down()

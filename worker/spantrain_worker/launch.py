@@ -111,6 +111,7 @@ def start(
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
     spawn: Spawn | None = None,
+    replan_inputs_path: str | Path | None = None,
 ) -> LocalJob:
     """Start ``world_size`` workers (default: on 127.0.0.1, as plain child processes; see
     ``spawn``); their logs go to ``out_dir/rank<r>.log``."""
@@ -122,6 +123,7 @@ def start(
         job=job, output_dir=str(out), metrics_port=0, num_threads=1, device="cpu",
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         emulation_path=str(emulation_path) if emulation_path else None,
+        replan_inputs_path=str(replan_inputs_path) if replan_inputs_path else None,
     )
     base = dict(os.environ)
     base.update({
