@@ -214,7 +214,7 @@ def train(tb: Testbed, plan: Plan, out: Path, *, steps: int, port: int, adapt: s
                 break
             if all(c == REPLAN_EXIT_CODE for c in codes):
                 record = ReplanRecord.model_validate_json((out / REPLAN_FILE).read_text())
-                plan = Plan.model_validate(record.plan)
+                plan = record.new_plan()
                 restarted_at, restarted_from = time.monotonic(), done
                 port += 1000
                 # the restart loads torch as the first start did: quotas lifted until its

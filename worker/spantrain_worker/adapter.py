@@ -46,6 +46,7 @@ from spantrain_planner.passes.adapt import (
     decide_replan,
     link_key,
     link_probes,
+    node_link,
     window_median,
 )
 
@@ -208,11 +209,9 @@ class Adapter:
         decision = replan.decision
         assert decision is not None and self.replan_inputs is not None
         topology = resolve(self.replan_inputs.cluster)
-        index = {d.node: i for i, d in reversed(list(enumerate(topology.devices)))}
         record = ReplanRecord(
             **self.request(replan).model_dump(),
-            assumed_links={link_key(p.src, p.dst):
-                           topology.bandwidth[index[p.src]][index[p.dst]] * 8 / 1e6
+            assumed_links={link_key(p.src, p.dst): node_link(topology, p.src, p.dst)[0]
                            for p in replan.probes},
             step_seconds_before=decision.before_seconds,
             step_seconds_after=decision.after_seconds,

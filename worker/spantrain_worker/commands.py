@@ -429,7 +429,7 @@ def _train(plan: Plan, out: Path, job_name: str, ckpt: Path, steps: int,
         print()
     if codes and all(c == REPLAN_EXIT_CODE for c in codes):
         record = ReplanRecord.model_validate_json((out / REPLAN_FILE).read_text())
-        new = Plan.model_validate(record.plan)
+        new = record.new_plan()
         (out / "plan.json").write_text(new.to_json())
         print(f"re-plan at step {record.step}: {record.reason}; predicted "
               f"{record.step_seconds_before:.3f} -> {record.step_seconds_after:.3f} s/step; "

@@ -318,13 +318,20 @@ def with_link_speeds(spec: ClusterSpec, speeds: Mapping[tuple[str, str], float])
     if not wanted:
         return spec
     topology = resolve(spec)
-    by_node = {dev.node: i for i, dev in reversed(list(enumerate(topology.devices)))}
     kept = [e for e in spec.links.matrix if (e.a, e.b) not in wanted]
     added = [MatrixEntry(a=a, b=b, bandwidth_mbps=mbps,
-                         latency_ms=topology.latency[by_node[a]][by_node[b]] * 1e3)
+                         latency_ms=node_link(topology, a, b)[1] * 1e3)
              for (a, b), mbps in sorted(wanted.items())]
     links = spec.links.model_copy(update={"matrix": kept + added})
     return spec.model_copy(update={"links": links})
+
+
+def node_link(topology: Topology, a: str, b: str) -> tuple[float, float]:
+    """(Mbit/s, seconds) the topology assumes from node ``a`` to node ``b`` (between their
+    first devices: a node's devices share its links)."""
+    first = {dev.node: i for i, dev in reversed(list(enumerate(topology.devices)))}
+    i, j = first[a], first[b]
+    return topology.bandwidth[i][j] * 8 / 1e6, topology.latency[i][j]
 
 
 def with_probed_links(spec: ClusterSpec, probes: Sequence[LinkProbe]) -> ClusterSpec:
@@ -456,6 +463,10 @@ class ReplanRecord(ReplanRequest):
     remaining_steps: int
     cluster: ClusterSpec = Field(description="The cluster with the measured links.")
     plan: dict[str, object] = Field(description="The new plan (plan.json).")
+
+    def new_plan(self) -> Plan:
+        """The plan to restart on."""
+        return Plan.model_validate(self.plan)
 
 
 @dataclass(frozen=True)
